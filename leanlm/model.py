@@ -1,0 +1,273 @@
+"""The dense LLaMA baseline, all of it in this one file.
+
+Math and parameter names follow Hugging Face `LlamaForCausalLM` (half-split RoPE with fp32 angles, RMSNorm in fp32,
+SwiGLU gate/up/down, q/k/v/o projections), so a HF state dict maps onto this model by dropping the `model.` prefix and
+logits agree to float rounding. Efficiency methods (subllm.py, ltd.py, lte.py) import `Block`, `Attention`, `MLP`,
+`RMSNorm` and `RotaryEmbedding` from here instead of adding flags to this file.
+
+    from leanlm.config import preset
+    from leanlm.model import Transformer
+    model = Transformer(preset("tiny"))
+    logits = model(torch.randint(0, 512, (2, 16)))   # (B, T, vocab)
+
+Shapes: B batch, T new tokens, S keys attended (cache length), H query heads, K kv heads, D head dim, C model width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from leanlm.config import ModelConfig
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # normalise in fp32 and multiply by the weight after casting back, exactly like HF's LlamaRMSNorm
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> Tensor:
+    """Inverse frequencies (D/2,) in fp32, with HF's linear or llama3 scaling applied."""
+    D = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
+    sc = cfg.rope_scaling
+    if sc is None:
+        return inv_freq
+    kind = sc.get("type", sc.get("rope_type"))
+    factor = float(sc["factor"])
+    if kind == "linear":
+        return inv_freq / factor
+    # llama3: keep high frequencies, divide low ones by `factor`, interpolate smoothly in between
+    low, high = float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
+    old_len = float(sc["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for every position up to max_seq_len, computed once in fp32 (HF half-split convention)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self.reset()
+
+    def reset(self, device: torch.device | None = None) -> None:
+        inv_freq = rope_inv_freq(self.cfg).to(device)
+        t = torch.arange(self.cfg.max_seq_len, device=device).float()
+        freqs = torch.outer(t, inv_freq)  # (L, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (L, D)
+        self.cos, self.sin = emb.cos(), emb.sin()
+
+    def forward(self, pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        # pos: (B or 1, T) absolute positions -> cos, sin: (B or 1, 1, T, D), broadcast over heads
+        return self.cos[pos].unsqueeze(1).to(dtype), self.sin[pos].unsqueeze(1).to(dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values of one attention layer: (B, K, max_len, D). Slots are filled left to right."""
+
+    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device=None):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, k: Tensor, v: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        # k, v: (B, K, T, D) written at slots [start, start+T); returns every filled slot (B, K, start+T, D)
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def causal_mask(T: int, S: int, device=None) -> Tensor:
+    """(T, S) bool, True = may attend: query i (at slot S-T+i) sees keys 0..S-T+i."""
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None, start: int = 0,
+                mask: Tensor | None = None) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, start)  # (B, K, S, D), S = start + T
+        gqa = self.n_heads != self.n_kv_heads
+        if mask is not None:  # explicit (B, 1, T, S) mask, e.g. left padding in a batch of prompts
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        elif T == 1:  # one new token attends to every filled slot: no mask needed
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        elif k.shape[2] == T:  # plain causal over the new tokens only (training, first prefill)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:  # chunked prefill on top of a filled cache
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, k.shape[2], x.device), enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, C)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, ffn_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, ffn_dim, bias=False)
+        self.up_proj = nn.Linear(dim, ffn_dim, bias=False)
+        self.down_proj = nn.Linear(ffn_dim, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg.dim, cfg.ffn_dim)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None, start: int = 0,
+                mask: Tensor | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """The dense baseline. State-dict keys equal HF LlamaForCausalLM's without the `model.` prefix."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(cfg)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.caches: list[KVCache] | None = None
+
+    # -- construction -------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> Transformer:
+        """GPT-2/LLaMA-style init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_layers)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = 0.02
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            elif p.dim() >= 2:
+                s = std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * s)
+        return self
+
+    def num_params(self, embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
+        if not embeddings:
+            n -= self.embed_tokens.weight.numel()
+        return n
+
+    # -- cost accounting ----------------------------------------------------------------------------------------------
+
+    def flops_per_token(self, seq_len: int, training: bool = False) -> float:
+        """Executed FLOPs per token for one causal pass over `seq_len` tokens (x3 for forward + backward).
+
+        Matmuls count 2 FLOPs per weight; attention counts QK^T and AV over the (seq_len+1)/2 keys a token attends to
+        on average under the causal mask. Norms, RoPE and softmax are ignored (<1%).
+        """
+        return dense_flops_per_token(self.cfg, context=(seq_len + 1) / 2, training=training)
+
+    # -- inference state ----------------------------------------------------------------------------------------------
+
+    def setup_caches(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate a static KV cache per layer for `batch` rows and up to `max_len` tokens."""
+        if max_len > self.cfg.max_seq_len:
+            from leanlm.errors import LeanLMError
+
+            raise LeanLMError(f"{max_len} tokens do not fit the model's context of {self.cfg.max_seq_len}")
+        p = self.embed_tokens.weight
+        dtype = dtype or p.dtype
+        self.caches = [KVCache(batch, max_len, self.cfg.n_kv_heads, self.cfg.head_dim, dtype, p.device)
+                       for _ in self.layers]
+
+    def reset_caches(self) -> None:
+        self.caches = None
+
+    # -- forward ------------------------------------------------------------------------------------------------------
+
+    def forward(self, idx: Tensor, pos: Tensor | None = None, start: int = 0, mask: Tensor | None = None,
+                last_only: bool = False) -> Tensor:
+        """Logits (B, T, vocab) for tokens idx (B, T).
+
+        Args:
+            pos: absolute RoPE positions (B, T) or (1, T); default start..start+T-1.
+            start: cache slot of the first new token (used only when caches are set up).
+            mask: optional (B, 1, T, start+T) bool attention mask (True = attend); default causal.
+            last_only: project only the last position to the vocabulary (prefill in generation).
+        """
+        B, T = idx.shape
+        if pos is None:
+            pos = torch.arange(start, start + T, device=idx.device).unsqueeze(0)  # (1, T)
+        x = self.embed_tokens(idx)  # (B, T, C)
+        cos, sin = self.rope(pos, x.dtype)
+        caches = self.caches or [None] * len(self.layers)
+        for layer, cache in zip(self.layers, caches):
+            x = layer(x, cos, sin, cache, start, mask)
+        x = self.norm(x)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x)  # (B, T, vocab)
+
+
+def dense_flops_per_token(cfg: ModelConfig, context: float, training: bool = False) -> float:
+    """FLOPs per token of the dense model when each token attends to `context` keys."""
+    C, D = cfg.dim, cfg.head_dim
+    attn_w = C * cfg.n_heads * D * 2 + C * cfg.n_kv_heads * D * 2  # q, o + k, v
+    ffn_w = 3 * C * cfg.ffn_dim
+    per_layer = 2 * (attn_w + ffn_w) + 4 * cfg.n_heads * D * context  # matmuls + QK^T and AV
+    fwd = cfg.n_layers * per_layer + 2 * C * cfg.vocab_size  # + lm head
+    return 3 * fwd if training else fwd
