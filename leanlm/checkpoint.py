@@ -46,8 +46,12 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the result ordinary permissions
         for f in tmp.rglob("*"):
             if f.is_file():
+                os.chmod(f, 0o666 & ~umask)
                 with open(f, "rb+") as fh:
                     os.fsync(fh.fileno())
         _fsync_dir(tmp)
@@ -68,7 +72,9 @@ def model_arch(model: torch.nn.Module) -> str:
     return getattr(model, "arch", "llama")
 
 
-def save_checkpoint(model: Transformer, tokenizer: Tokenizer | None, out: str | Path, extra: dict | None = None) -> Path:
+def save_checkpoint(
+    model: Transformer, tokenizer: Tokenizer | None, out: str | Path, extra: dict | None = None
+) -> Path:
     """Write weights + config (+ tokenizer) atomically to directory `out`."""
     from safetensors.torch import save_file
 
@@ -104,8 +110,9 @@ def read_config(path: Path) -> dict:
     return meta
 
 
-def load_checkpoint(path: str | Path, dtype: str | None = None,
-                    expect_arch: str | None = "llama") -> tuple[Transformer, Tokenizer | None]:
+def load_checkpoint(
+    path: str | Path, dtype: str | None = None, expect_arch: str | None = "llama"
+) -> tuple[Transformer, Tokenizer | None]:
     """Load a leanlm checkpoint directory. `expect_arch` guards against loading e.g. a SUBLLM as a dense model."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file

