@@ -193,16 +193,17 @@ def check_vocab_size(vocab_size: int) -> None:
         raise LeanLMError(f"vocab_size must be an integer in [{lo}, {hi}] (256 bytes + {EOT}), got {vocab_size!r}")
 
 
-def _separator(tok: Tokenizer) -> Tokenizer:
-    """The tokenizer with an eos token to end documents; one without eos gets `<|endoftext|>` or `</s>` if it has
-    them, so that the saved tokenizer_config names the separator the data was built with."""
-    if tok.eos_id is not None:
-        return tok
-    for t in (EOT, "</s>"):
-        if tok.tok.token_to_id(t) is not None:
-            return Tokenizer(tok.tok, bos_token=tok.bos_token, eos_token=t, chat_template=tok.chat_template,
-                             add_bos=tok.add_bos, pad_token=tok.pad_token)
-    raise LeanLMError("the tokenizer has no end-of-text token (eos, <|endoftext|> or </s>) to separate documents")
+def _document_separator(tok: Tokenizer) -> tuple[Tokenizer, str]:
+    """The token that ends every document: `<|endoftext|>` when the vocabulary has it (in SmolLM2's, eos is the chat
+    end-of-turn token instead), else the tokenizer's eos, else `</s>`. A tokenizer without eos gets the separator as
+    its eos, so that the saved tokenizer_config says where generated documents end."""
+    sep = next((t for t in (EOT, tok.eos_token, "</s>") if t is not None and tok.tok.token_to_id(t) is not None), None)
+    if sep is None:
+        raise LeanLMError("the tokenizer has no end-of-text token (<|endoftext|>, eos or </s>) to separate documents")
+    if tok.eos_id is None:
+        tok = Tokenizer(tok.tok, bos_token=tok.bos_token, eos_token=sep, chat_template=tok.chat_template,
+                        add_bos=tok.add_bos, pad_token=tok.pad_token)
+    return tok, sep
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -326,10 +327,14 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str | None = None, vo
     if tokenizer is None:
         train_docs = [d for d, v in zip(kept, is_val) if not v] or kept  # a single document trains on all of it
         tok = train_tokenizer((_reread(d) for d in train_docs), vocab_size, len(train_docs), progress=progress)
+        if tok.vocab_size < vocab_size:  # BPE ran out of pairs to merge: the model can be smaller than asked
+            print(f"warning: the corpus yields only {tok.vocab_size} tokens (vocab_size {vocab_size} was asked for)",
+                  file=sys.stderr)
     else:
-        tok = _separator(load_tokenizer_ref(tokenizer))
+        tok = load_tokenizer_ref(tokenizer)
+    tok, sep = _document_separator(tok)
     t_tok = time.perf_counter()
-    eos = tok.eos_id
+    eos = tok.tok.token_to_id(sep)
     vocab = max(tok.vocab_size, max(tok.tok.get_vocab(with_added_tokens=True).values()) + 1)
     dtype = token_dtype(vocab)
 
@@ -343,7 +348,7 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str | None = None, vo
                 for d, enc in zip(chunk, encodings):
                     ids = np.array(enc.ids + [eos], dtype=dtype)
                     if len(kept) == 1:  # one document: its tail is the validation set
-                        n_val = max(1, round(len(ids) * val_fraction))
+                        n_val = min(len(ids) - 1, max(1, round(len(ids) * val_fraction)))
                         parts = {False: ids[:-n_val], True: ids[-n_val:]}
                     else:
                         parts = {val_of[d]: ids}
@@ -368,7 +373,7 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str | None = None, vo
             "dtype": dtype.name,
             "vocab_size": vocab,
             "eos_id": eos,
-            "eos_token": tok.eos_token,
+            "eos_token": sep,
             "tokenizer": tokenizer or f"trained byte-level BPE ({vocab_size})",
             "tokenizer_sha256": hashlib.sha256((tmp / "tokenizer.json").read_bytes()).hexdigest(),
             "val_fraction": val_fraction,

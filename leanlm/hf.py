@@ -1,6 +1,7 @@
 """Interop with Hugging Face checkpoint directories and GGUF files.
 
-leanlm's baseline uses HF's parameter names, so a `LlamaForCausalLM` state dict maps onto it by dropping `model.`.
+leanlm's baseline uses HF's parameter names except for its fused `qkv_proj` and `gate_up_proj`; `from_hf_state` and
+`to_hf_state` are the whole key map.
 GGUF files are dequantized to fp32 with the `gguf` package; llama.cpp stores q/k rows permuted for its interleaved
 RoPE, which `_unpermute_qk` undoes. The GGUF tokenizer is rebuilt with transformers' own converter.
 """
@@ -114,6 +115,51 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# state-dict key map: HF names <-> leanlm's fused qkv_proj / gate_up_proj
+
+
+def from_hf_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """HF LlamaForCausalLM keys (with or without `model.`) -> leanlm keys, concatenating q/k/v and gate/up rows."""
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    out = {}
+    for k, v in state.items():
+        if ".self_attn.q_proj." in k:
+            kind = k.rsplit(".", 1)[1]  # weight | bias
+            base = k.split(".self_attn.")[0] + ".self_attn."
+            parts = [state.get(f"{base}{n}_proj.{kind}") for n in "qkv"]
+            if any(p is None for p in parts):
+                continue  # reported as a missing key by build_with_state
+            out[f"{base}qkv_proj.{kind}"] = torch.cat(parts)
+        elif ".mlp.gate_proj." in k:
+            base = k.split(".mlp.")[0] + ".mlp."
+            up = state.get(f"{base}up_proj.weight")
+            if up is not None:
+                out[f"{base}gate_up_proj.weight"] = torch.cat([v, up])
+        elif not any(f".{n}_proj." in k for n in ("k", "v", "up")):  # k/v/up were consumed with q/gate
+            out[k] = v
+    return out
+
+
+def to_hf_state(model: Transformer) -> dict[str, Tensor]:
+    """leanlm state dict -> HF LlamaForCausalLM keys (with `model.`), q/k/v and gate/up split again."""
+    cfg = model.cfg
+    sizes = [cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim]
+    out = {}
+    for k, v in model.state_dict().items():
+        v = v.detach()
+        if ".qkv_proj." in k:
+            for n, part in zip("qkv", v.split(sizes)):
+                out[k.replace("qkv_proj", f"{n}_proj")] = part.contiguous()
+        elif ".gate_up_proj." in k:
+            gate, up = v.chunk(2)
+            out[k.replace("gate_up_proj", "gate_proj")] = gate.contiguous()
+            out[k.replace("gate_up_proj", "up_proj")] = up.contiguous()
+        else:
+            out[k] = v.contiguous()
+    return {k if k == "lm_head.weight" else f"model.{k}": v for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # HF directories
 
 
@@ -153,8 +199,7 @@ def load_hf_dir(path: str | Path, dtype: str | None = None) -> tuple[Transformer
     path = Path(path)
     hf = json.loads((path / "config.json").read_text())
     cfg = config_from_hf(hf, where=str(path / "config.json"))
-    state = {k.removeprefix("model."): v for k, v in load_hf_state(path).items()}
-    model = build_with_state(cfg, state, where=str(path), dtype=dtype)
+    model = build_with_state(cfg, from_hf_state(load_hf_state(path)), where=str(path), dtype=dtype)
     tok = Tokenizer.load(path) if (path / "tokenizer.json").is_file() else None
     return model, tok
 
@@ -205,9 +250,7 @@ def export_hf(model: Transformer, tokenizer: Tokenizer | None, out: str | Path) 
     if type(model) is not Transformer:
         raise LeanLMError(f"only the dense baseline exports to LlamaForCausalLM (this is a {type(model).__name__})")
     with atomic_dir(out) as tmp:
-        state = {
-            f"model.{k}" if k != "lm_head.weight" else k: v.detach().contiguous() for k, v in model.state_dict().items()
-        }
+        state = to_hf_state(model)
         if model.cfg.tie_embeddings:  # safetensors refuses shared storage; HF re-ties on load
             state.pop("lm_head.weight")
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -238,8 +281,7 @@ def to_hf_model(model: Transformer):
     dtype = next(model.parameters()).dtype
     with torch.device("meta"):
         hf_model = LlamaForCausalLM(config)
-    state = {f"model.{k}" if k != "lm_head.weight" else k: v for k, v in model.state_dict().items()}
-    hf_model.load_state_dict(state, strict=False, assign=True)
+    hf_model.load_state_dict(to_hf_state(model), strict=False, assign=True)
     if model.cfg.tie_embeddings:
         hf_model.tie_weights()
     # buffers (rotary inv_freq) were created on meta: rebuild them on the CPU
@@ -326,7 +368,7 @@ def load_gguf(path: str | Path, dtype: str | None = None) -> tuple[Transformer, 
         elif parts[-2] == "attn_k":
             w = _unpermute_qk(w, cfg.n_kv_heads)
         state[key] = w
-    model = build_with_state(cfg, state, where=str(path), dtype=dtype)
+    model = build_with_state(cfg, from_hf_state(state), where=str(path), dtype=dtype)
     return model, gguf_tokenizer(path)
 
 

@@ -10,6 +10,7 @@ import torch
 from leanlm.config import preset
 from leanlm.errors import LeanLMError
 from leanlm.generate import TextStreamer, apply_repetition_penalty, generate, pad_batch, sample_next
+from leanlm.hf import to_hf_state
 from leanlm.model import Transformer
 
 TOL = 1e-4
@@ -205,8 +206,7 @@ def test_greedy_matches_hf_generate(model):
         mlp_bias=False,
     )
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
-    state = {k if k == "lm_head.weight" else f"model.{k}": v for k, v in model.state_dict().items()}
-    hf.load_state_dict(state, strict=True)
+    hf.load_state_dict(to_hf_state(model), strict=True)
     prompt = tokens(7, seed=17)
     with torch.inference_mode():
         ref = hf(torch.tensor([prompt])).logits[0]

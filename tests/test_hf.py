@@ -11,7 +11,7 @@ import torch
 from leanlm.checkpoint import load_checkpoint, load_model, save_checkpoint
 from leanlm.config import preset
 from leanlm.errors import LeanLMError
-from leanlm.hf import export_hf, load_gguf
+from leanlm.hf import export_hf, load_gguf, to_hf_state
 from leanlm.model import Transformer
 
 transformers = pytest.importorskip("transformers")
@@ -38,8 +38,17 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path, tiny_tokenizer)
 
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
 def test_load_hf_directory_written_by_transformers(tmp_path, kind):
-    common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    common = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
     if kind == "llama":
         cfg = transformers.LlamaConfig(**common)
         hf = transformers.LlamaForCausalLM(cfg)
@@ -86,18 +95,22 @@ def test_checkpoint_errors(tmp_path, tiny_tokenizer):
         load_model(str(tmp_path / "small"))
 
 
-@pytest.mark.parametrize("ref, needle", [
-    ("no/such/dir", "no such file or directory"),
-    ("gpt-5", "not a preset"),
-])
+@pytest.mark.parametrize(
+    "ref, needle",
+    [
+        ("no/such/dir", "no such file or directory"),
+        ("gpt-5", "not a preset"),
+    ],
+)
 def test_bad_references(ref, needle):
     with pytest.raises(LeanLMError, match=needle):
         load_model(ref)
 
 
 def test_unsupported_hf_architecture(tmp_path):
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100,
-                                                         bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path)
+    transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, bos_token_id=0, eos_token_id=0)
+    ).save_pretrained(tmp_path)
     with pytest.raises(LeanLMError, match="unsupported architecture 'GPT2LMHeadModel'"):
         load_model(str(tmp_path))
     with pytest.raises(LeanLMError, match="not a model"):
@@ -136,11 +149,19 @@ def write_tiny_gguf(path, model: Transformer, tokenizer, arch: str = "llama") ->
     w.add_bos_token_id(tokenizer.bos_id)
     w.add_eos_token_id(tokenizer.eos_id)
     names = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "output"}
-    layer_names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-                   "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-                   "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                   "mlp.down_proj": "ffn_down"}
-    for k, v in model.state_dict().items():
+    layer_names = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
+    for k, v in to_hf_state(model).items():
+        k = k.removeprefix("model.")
         a = v.float().numpy().copy()
         if k.startswith("layers."):
             _, i, rest = k.split(".", 2)

@@ -11,16 +11,24 @@ from leanlm.model import Transformer, dense_flops_per_token
 
 transformers = pytest.importorskip("transformers")
 
-LLAMA3 = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 64}
+LLAMA3 = {
+    "type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 
 
-@pytest.mark.parametrize("overrides", [
-    {},  # GQA (4 heads, 2 kv heads), untied
-    {"tie_embeddings": True, "n_kv_heads": 4},
-    {"rope_scaling": LLAMA3, "n_kv_heads": 1},
-    {"rope_scaling": {"type": "linear", "factor": 2.0}, "rope_theta": 500000.0, "norm_eps": 1e-6},
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},  # GQA (4 heads, 2 kv heads), untied
+        {"tie_embeddings": True, "n_kv_heads": 4},
+        {"rope_scaling": LLAMA3, "n_kv_heads": 1},
+        {"rope_scaling": {"type": "linear", "factor": 2.0}, "rope_theta": 500000.0, "norm_eps": 1e-6},
+    ],
+)
 def test_logits_match_hf_llama(overrides):
     from leanlm.hf import to_hf_model
 
@@ -63,8 +71,8 @@ def test_init_is_deterministic_and_scaled():
     b = Transformer(preset("tiny")).init_weights(seed=3)
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(p, q), n
-    assert abs(a.layers[0].self_attn.q_proj.weight.std().item() - 0.02) < 0.003
-    assert a.layers[0].mlp.down_proj.weight.std() < a.layers[0].mlp.up_proj.weight.std() / 1.5
+    assert abs(a.layers[0].self_attn.qkv_proj.weight.std().item() - 0.02) < 0.003
+    assert a.layers[0].mlp.down_proj.weight.std() < a.layers[0].mlp.gate_up_proj.weight.std() / 1.5
     assert torch.all(a.norm.weight == 1)
 
 
@@ -94,14 +102,17 @@ def test_presets_build_and_smollm2_size():
         assert abs(Transformer(preset("llama-1.3b")).num_params() / 1e9 - 1.345) < 0.01
 
 
-@pytest.mark.parametrize("bad, needle", [
-    ({"dim": 0}, "model.dim"),
-    ({"n_heads": 4, "n_kv_heads": 3}, "model.n_kv_heads"),
-    ({"dtype": "int8"}, "model.dtype"),
-    ({"rope_scaling": {"type": "yarn", "factor": 2.0}}, "model.rope_scaling"),
-    ({"rope_scaling": {"type": "llama3", "factor": 2.0}}, "model.rope_scaling"),
-    ({"norm_eps": 0.0}, "model.norm_eps"),
-])
+@pytest.mark.parametrize(
+    "bad, needle",
+    [
+        ({"dim": 0}, "model.dim"),
+        ({"n_heads": 4, "n_kv_heads": 3}, "model.n_kv_heads"),
+        ({"dtype": "int8"}, "model.dtype"),
+        ({"rope_scaling": {"type": "yarn", "factor": 2.0}}, "model.rope_scaling"),
+        ({"rope_scaling": {"type": "llama3", "factor": 2.0}}, "model.rope_scaling"),
+        ({"norm_eps": 0.0}, "model.norm_eps"),
+    ],
+)
 def test_config_validation_names_the_field(bad, needle):
     with pytest.raises(LeanLMError, match=needle):
         preset("tiny", **bad)
