@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vs", default="hf", help='"hf" (transformers, same weights) or another model reference')
     ap.add_argument("--what", nargs="+", default=list(WHATS), choices=WHATS)
     ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--batch-size", dest="batch", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)

@@ -22,6 +22,7 @@ import os
 import platform
 import statistics
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -290,12 +291,12 @@ def _summary(samples: Sequence[float]) -> dict:
     return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "samples": list(samples)}
 
 
-def _check_args(what: Sequence[str], seq_len: int, batch_size: int, prompt_len: int, new_tokens: int, repeats: int,
+def _check_args(what: Sequence[str], seq_len: int, batch: int, prompt_len: int, new_tokens: int, repeats: int,
                 warmup: int) -> None:
     unknown = [w for w in what if w not in WHATS]
     if unknown or not what:
         raise LeanLMError(f"--what: expected some of {', '.join(WHATS)} (got {', '.join(what) or 'nothing'})")
-    for name, value, least in (("repeats", repeats, 1), ("warmup", warmup, 0), ("batch-size", batch_size, 1),
+    for name, value, least in (("repeats", repeats, 1), ("warmup", warmup, 0), ("batch-size", batch, 1),
                                ("seq-len", seq_len, 2), ("prompt-len", prompt_len, 1), ("new-tokens", new_tokens, 2)):
         if value < least:
             raise LeanLMError(f"--{name} must be at least {least} (got {value})")
@@ -327,21 +328,23 @@ def _machine(device: torch.device) -> dict:
     return info
 
 
-def _flops(model: nn.Module, seq_len: int, prompt_len: int, new_tokens: int) -> dict:
+def _flops(model: nn.Module, what: Sequence[str], seq_len: int, prompt_len: int, new_tokens: int) -> dict:
     # per token of a causal pass over L tokens; for decode, L = prompt + new tokens (the context the steps end with)
-    return {"train": model.flops_per_token(seq_len, training=True), "prefill": model.flops_per_token(prompt_len),
-            "decode": model.flops_per_token(prompt_len + new_tokens)}
+    flops = {"train": lambda: model.flops_per_token(seq_len, training=True),
+             "prefill": lambda: model.flops_per_token(prompt_len),
+             "decode": lambda: model.flops_per_token(prompt_len + new_tokens)}
+    return {w: flops[w]() for w in WHATS if w in what}
 
 
 def run_bench(model: str, vs: str | None = None, what: Sequence[str] = WHATS, seq_len: int = 2048,
-              batch_size: int = 1, prompt_len: int = 256, new_tokens: int = 128, repeats: int = 5, warmup: int = 1,
+              batch: int = 1, prompt_len: int = 256, new_tokens: int = 128, repeats: int = 5, warmup: int = 1,
               dtype: str = "float32", threads: int | None = None, device: str | None = None) -> dict:
     """Benchmark model reference `model` (A), alone or against `vs` (B: a model reference, or "hf").
 
-    Arguments mirror the `leanlm bench` flags. `device` defaults to CUDA when available. Returns a JSON-able dict:
-    date, machine, settings, variants (ref, params, flops_per_token per measurement) and, per measurement in `what`,
-    each variant's tokens/s summary (median, min, max, samples) and peak extra memory (max over repeats), plus
-    `ratio`: B tokens/s / A tokens/s per repeat (> 1 means B is faster).
+    Arguments mirror the `leanlm bench` flags (`batch` is --batch-size); `device` defaults to CUDA when available.
+    Returns a JSON-able dict: date, machine, settings, variants (ref, params, flops_per_token per measurement) and,
+    per measurement in `what`, each variant's tokens/s summary (median, min, max, samples) and peak extra memory
+    (max over repeats), plus `ratio`: B tokens/s / A tokens/s per repeat (> 1 means B is faster).
     """
     from leanlm.checkpoint import load_model
 
@@ -354,10 +357,10 @@ def run_bench(model: str, vs: str | None = None, what: Sequence[str] = WHATS, se
     torch.manual_seed(SEED)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
-    _check_args(what, seq_len, batch_size, prompt_len, new_tokens, repeats, warmup)
+    _check_args(what, seq_len, batch, prompt_len, new_tokens, repeats, warmup)
     model_a = load_model(model, dtype=dtype)[0].to(dev)
     _check_context(model_a, model, what, seq_len, prompt_len, new_tokens)
-    flops_a = _flops(model_a, seq_len, prompt_len, new_tokens)
+    flops_a = _flops(model_a, what, seq_len, prompt_len, new_tokens)
     variants = {"A": {"ref": model, "params": model_a.num_params(), "flops_per_token": flops_a}}
     models = {"A": model_a}
     if vs == "hf":
@@ -371,17 +374,17 @@ def run_bench(model: str, vs: str | None = None, what: Sequence[str] = WHATS, se
         _check_context(model_b, vs, what, seq_len, prompt_len, new_tokens)
         models["B"] = model_b
         variants["B"] = {"ref": vs, "params": model_b.num_params(),
-                         "flops_per_token": _flops(model_b, seq_len, prompt_len, new_tokens)}
+                         "flops_per_token": _flops(model_b, what, seq_len, prompt_len, new_tokens)}
 
     results = {}
     # training changes the weights: the inference measurements go first and see the model as loaded
     for w in [w for w in ("prefill", "decode", "train") if w in what]:
         if w == "train":
-            runners = {k: TrainStep(m, batch_size, seq_len) for k, m in models.items()}
+            runners = {k: TrainStep(m, batch, seq_len) for k, m in models.items()}
         elif w == "prefill":
-            runners = {k: (lambda m=m: _prefill(m, batch_size, prompt_len)) for k, m in models.items()}
+            runners = {k: (lambda m=m: _prefill(m, batch, prompt_len)) for k, m in models.items()}
         else:
-            runners = {k: (lambda m=m: _decode(m, batch_size, prompt_len, new_tokens)) for k, m in models.items()}
+            runners = {k: (lambda m=m: _decode(m, batch, prompt_len, new_tokens)) for k, m in models.items()}
         try:
             for _ in range(warmup):
                 for run in runners.values():
@@ -390,10 +393,10 @@ def run_bench(model: str, vs: str | None = None, what: Sequence[str] = WHATS, se
             mem: dict[str, list[int]] = {k: [] for k in runners}
             for r in range(repeats):
                 for k in (list(runners) if r % 2 == 0 else list(runners)[::-1]):
-                    t, m = _measure(runners[k], dev)
-                    tps[k].append(t)
-                    if m is not None:
-                        mem[k].append(m)
+                    rate, peak = _measure(runners[k], dev)
+                    tps[k].append(rate)
+                    if peak is not None:
+                        mem[k].append(peak)
         finally:
             for run in runners.values():
                 if isinstance(run, TrainStep):
@@ -408,7 +411,7 @@ def run_bench(model: str, vs: str | None = None, what: Sequence[str] = WHATS, se
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": _machine(dev),
-        "settings": {"seq_len": seq_len, "batch_size": batch_size, "prompt_len": prompt_len,
+        "settings": {"seq_len": seq_len, "batch": batch, "prompt_len": prompt_len,
                      "new_tokens": new_tokens, "repeats": repeats, "warmup": warmup, "dtype": dtype, "seed": SEED,
                      "order": "A then B on even repeats, B then A on odd ones"},
         "variants": variants,
@@ -437,12 +440,11 @@ def format_table(result: dict) -> str:
     m, s, variants = result["machine"], result["settings"], result["variants"]
     hw = m.get("gpu", m["processor"])
     lines = [f"leanlm bench  {result['date']}  {m['device']} ({hw}), {m['threads']} threads, torch {m['torch']}, "
-             f"{s['dtype']}, batch {s['batch_size']}, {s['repeats']} repeats after {s['warmup']} warmup"]
+             f"{s['dtype']}, batch {s['batch']}, {s['repeats']} repeats after {s['warmup']} warmup"]
     for k, v in variants.items():
-        f = v["flops_per_token"]
+        flops = ", ".join(f"{w} {f / 1e9:.3g}" for w, f in v["flops_per_token"].items())
         desc = f" ({v['description']})" if "description" in v else ""
-        lines.append(f"{k}: {v['ref']}{desc}: {v['params'] / 1e6:,.2f}M params; GFLOP/token: train "
-                     f"{f['train'] / 1e9:.3g}, prefill {f['prefill'] / 1e9:.3g}, decode {f['decode'] / 1e9:.3g}")
+        lines.append(f"{k}: {v['ref']}{desc}: {v['params'] / 1e6:,.2f}M params; GFLOP/token: {flops}")
     has_b = "B" in variants
     header = ["what", "A tokens/s median [min, max]"]
     if has_b:
@@ -458,12 +460,12 @@ def format_table(result: dict) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines.append("")
     lines += ["  ".join(c.ljust(wd) for c, wd in zip(row, widths)).rstrip() for row in rows]
-    lines.append("")
-    lines.append(f"settings: seq_len {s['seq_len']} (train), prompt_len {s['prompt_len']}, new_tokens "
-                 f"{s['new_tokens']}; {s['order']}")
+    notes = [f"settings: seq_len {s['seq_len']} (train), prompt_len {s['prompt_len']}, new_tokens {s['new_tokens']}"]
     if has_b:
-        lines.append(result["ratio_definition"])
-    lines += [f"{w}: {result['results'][w]['definition']}" for w in result["results"]]
-    lines.append("peak mem: extra memory of one measured call above what was in use before it, max over repeats "
+        notes += [f"order: {s['order']}", result["ratio_definition"]]
+    notes += [f"{w}: {result['results'][w]['definition']}" for w in result["results"]]
+    notes.append("peak mem: extra memory of one measured call above what was in use before it, max over repeats "
                  "(CUDA: allocated tensors; CPU: sampled RSS, approximate)")
+    lines.append("")
+    lines += [textwrap.fill(n, width=120, subsequent_indent="    ") for n in notes]
     return "\n".join(lines)

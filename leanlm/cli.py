@@ -172,6 +172,27 @@ def cmd_bench(args) -> dict:
     return res
 
 
+def cmd_prepare(args) -> dict:
+    from leanlm.data import prepare
+
+    res = prepare(
+        args.inputs,
+        args.out,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        progress=not args.json,
+    )
+    if not args.json:
+        what = "reused" if res.get("reused") else "wrote"
+        print(
+            f"{what} {args.out}: {res['train_tokens']:,} train + {res['val_tokens']:,} val tokens "
+            f"from {res['documents']} documents, vocab {res['vocab_size']}"
+        )
+    return {"out": str(args.out), **res}
+
+
 def cmd_convert(args) -> dict:
     from leanlm.checkpoint import load_model, save_checkpoint
     from leanlm.hf import export_hf
@@ -280,6 +301,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     _json_arg(p)
     p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser(
+        "prepare",
+        help="tokenize text into memory-mapped train/val token files",
+        description="Tokenize text files, directories, globs or the word 'stdlib' (the Python standard "
+        "library sources of this interpreter, tests excluded) into train.bin/val.bin "
+        "(uint16/uint32), split by document, with an end-of-document token between "
+        "documents and a manifest.json. Re-running with the same inputs reuses the result.",
+    )
+    p.add_argument("inputs", nargs="+", help="files, directories, globs, or 'stdlib'")
+    p.add_argument("--out", "-o", required=True, help="output directory")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="reuse a tokenizer (tokenizer.json, model directory, .gguf or "
+        "a preset with weights such as smollm2-135m); default: train a byte-level BPE on the data",
+    )
+    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the trained BPE (default 8192)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="fraction of documents for validation (0.05)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the document split (default 0)")
+    _json_arg(p)
+    p.set_defaults(fn=cmd_prepare)
 
     p = sub.add_parser(
         "convert",
