@@ -330,10 +330,8 @@ def _machine(device: torch.device) -> dict:
 
 def _flops(model: nn.Module, what: Sequence[str], seq_len: int, prompt_len: int, new_tokens: int) -> dict:
     # per token of a causal pass over L tokens; for decode, L = prompt + new tokens (the context the steps end with)
-    flops = {"train": lambda: model.flops_per_token(seq_len, training=True),
-             "prefill": lambda: model.flops_per_token(prompt_len),
-             "decode": lambda: model.flops_per_token(prompt_len + new_tokens)}
-    return {w: flops[w]() for w in WHATS if w in what}
+    lengths = {"train": seq_len, "prefill": prompt_len, "decode": prompt_len + new_tokens}
+    return {w: model.flops_per_token(lengths[w], training=w == "train") for w in WHATS if w in what}
 
 
 def run_bench(model: str, vs: str | None = None, what: Sequence[str] = WHATS, seq_len: int = 2048,

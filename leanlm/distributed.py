@@ -131,6 +131,14 @@ def grad_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
     yield
 
 
+def reshard(model: nn.Module) -> None:
+    """After forward-only passes (validation), return FSDP2's root parameters to their shards. FSDP2 keeps the root
+    gathered after a forward because a backward normally follows; until it reshards, `parameters()` yields the
+    gathered tensors rather than the sharded ones the optimizer and state-dict functions know."""
+    if hasattr(model, "reshard"):
+        model.reshard()
+
+
 def all_mean(values: list[float], d: Dist) -> list[float]:
     """Mean of each value over ranks (float64, on the compute device, as NCCL needs)."""
     if d.world_size == 1:

@@ -284,9 +284,10 @@ def to_hf_model(model: Transformer):
     hf_model.load_state_dict(to_hf_state(model), strict=False, assign=True)
     if model.cfg.tie_embeddings:
         hf_model.tie_weights()
-    # buffers (rotary inv_freq) were created on meta: rebuild them on the CPU
+    hf_model = hf_model.to(dtype)
+    # buffers (rotary inv_freq) were created on meta: rebuild them on the CPU, in fp32 as HF keeps them
     hf_model.model.rotary_emb = type(hf_model.model.rotary_emb)(config=config)
-    return hf_model.to(dtype).eval()
+    return hf_model.eval()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -439,6 +439,7 @@ def validation_loss(model: nn.Module, dataset: Any, batch_size: int, seq_len: in
             logits = model(x.to(device))
         total += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum").item()
         count += y.numel()
+    distributed.reshard(model)
     model.train(was_training)
     return total / count
 
@@ -583,7 +584,8 @@ def train(cfg: TrainConfig) -> dict:
             lr = schedule_lr(step, cfg.optim, run.steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = torch.zeros((), device=d.device)
+            loss_sum = torch.zeros((), device=d.device)  # cross-entropy: the number comparable across methods
+            objective_sum = torch.zeros((), device=d.device)  # what is minimised: cross-entropy + aux_loss
             for micro in range(run.grad_accum):
                 x, y = next(batches)
                 x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
@@ -594,10 +596,13 @@ def train(cfg: TrainConfig) -> dict:
                         total = loss + aux_loss() if aux_loss is not None else loss
                     (total / run.grad_accum).backward()
                 loss_sum += loss.detach()
+                objective_sum += total.detach()
             grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            loss_val, norm_val = distributed.all_mean([(loss_sum / run.grad_accum).item(), grad_norm.item()], d)
-            if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
-                what = f"loss is {loss_val}" if not math.isfinite(loss_val) else f"gradient norm is {norm_val}"
+            loss_val, objective, norm_val = distributed.all_mean(
+                [(loss_sum / run.grad_accum).item(), (objective_sum / run.grad_accum).item(), grad_norm.item()], d
+            )
+            if not (math.isfinite(objective) and math.isfinite(norm_val)):
+                what = f"loss is {objective}" if not math.isfinite(objective) else f"gradient norm is {norm_val}"
                 last = checkpoint_dirs(out)
                 raise LeanLMError(f"step {step + 1}: {what}; stopped without updating the weights (lower optim.lr?); "
                                   f"last checkpoint: {last[-1] if last else 'none'}")
@@ -614,7 +619,7 @@ def train(cfg: TrainConfig) -> dict:
             if is_last or (run.eval_every and step % run.eval_every == 0):
                 # every rank scores the same windows: FSDP needs all ranks in every forward, and the result is final
                 val_now = val_loss = validation_loss(distributed.unwrap(model), val_data, local_batch, run.seq_len,
-                                                     run.eval_batches, d.device, autocast)
+                                                     run.eval_batches * d.world_size, d.device, autocast)
             if is_last or val_now is not None or step % run.log_every == 0:
                 tps = interval_tokens / interval_seconds
                 log.write({"step": step, "tokens": tokens, "loss": loss_val, "val_loss": val_now, "lr": lr,
@@ -648,7 +653,7 @@ def train(cfg: TrainConfig) -> dict:
         # ---- final save: weights + config + tokenizer for eval/generate/bench ----------------------------------------
         if val_loss is None:  # resumed at the last step: nothing was scored in this session
             val_loss = validation_loss(distributed.unwrap(model), val_data, local_batch, run.seq_len,
-                                       run.eval_batches, d.device, autocast)
+                                       run.eval_batches * d.world_size, d.device, autocast)
         if not _weights_finite(model, d):
             raise LeanLMError(f"step {step}: the weights are no longer finite; not saving {out / 'final'}")
         full = _model_for_saving(model, model_cfg, d)

@@ -33,6 +33,7 @@ def test_run_bench_structure():
     assert list(r["variants"]) == ["A"]
     a = r["variants"]["A"]
     assert a["params"] > 0 and all(v > 0 for v in a["flops_per_token"].values())
+    assert set(a["flops_per_token"]) == {"train", "prefill", "decode"}
     assert set(r["results"]) == {"train", "prefill", "decode"}
     for res in r["results"].values():
         assert "B" not in res and "ratio" not in res

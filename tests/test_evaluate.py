@@ -185,7 +185,8 @@ def test_smollm2_wikitext_matches_transformers_gguf():
     hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     hf_tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     ref = hf_reference_perplexity(hf_model, hf_tok, [WIKITEXT], seq_len=512, max_windows=4)
-    print(f"\nleanlm ppl {ours['perplexity']:.6f}  transformers ppl {ref['perplexity']:.6f}  "
+    rel = abs(ours["perplexity"] - ref["perplexity"]) / ref["perplexity"]
+    print(f"\nleanlm ppl {ours['perplexity']:.8f}  transformers ppl {ref['perplexity']:.8f}  rel diff {rel:.1e}  "
           f"bpb {ours['bits_per_byte']:.6f}  {ours['protocol']}")
     assert ours["n_tokens_scored"] == ref["n_tokens_scored"] == 4 * 511
     assert ours["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-3)
