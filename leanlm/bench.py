@@ -7,7 +7,7 @@
 Variant A is `model`; variant B is `vs`: another model reference, or "hf" for a transformers LlamaForCausalLM sharing
 A's weights (leanlm.hf.to_hf_model). Every repeat measures A and B once each, back to back, and swaps who goes first
 on every other repeat so that slow drift (thermal throttling, other processes) does not favour one side. The speedup
-of B over A is computed per repeat, `B tokens/s / A tokens/s`, and reported as the median with min and max over
+of A over B is computed per repeat, `A tokens/s / B tokens/s`, and reported as the median with min and max over
 repeats; absolute numbers are reported the same way, with every sample kept.
 
 What is measured is defined in DEFINITIONS (identical work on both sides, on random token ids from a fixed seed);
@@ -342,7 +342,7 @@ def run_bench(model: str, vs: str | None = None, what: Sequence[str] = WHATS, se
     Arguments mirror the `leanlm bench` flags (`batch` is --batch-size); `device` defaults to CUDA when available.
     Returns a JSON-able dict: date, machine, settings, variants (ref, params, flops_per_token per measurement) and,
     per measurement in `what`, each variant's tokens/s summary (median, min, max, samples) and peak extra memory
-    (max over repeats), plus `ratio`: B tokens/s / A tokens/s per repeat (> 1 means B is faster).
+    (max over repeats), plus `ratio`: A tokens/s / B tokens/s per repeat (> 1 means A, the --model, is faster).
     """
     from leanlm.checkpoint import load_model
 
@@ -403,7 +403,7 @@ def run_bench(model: str, vs: str | None = None, what: Sequence[str] = WHATS, se
         for k in runners:
             entry[k] = {**_summary(tps[k]), "peak_mem_bytes": max(mem[k]) if mem[k] else None}
         if "B" in runners:
-            entry["ratio"] = _summary([b / a for a, b in zip(tps["A"], tps["B"])])
+            entry["ratio"] = _summary([a / b for a, b in zip(tps["A"], tps["B"])])
         results[w] = entry
 
     return {
@@ -413,7 +413,7 @@ def run_bench(model: str, vs: str | None = None, what: Sequence[str] = WHATS, se
                      "new_tokens": new_tokens, "repeats": repeats, "warmup": warmup, "dtype": dtype, "seed": SEED,
                      "order": "A then B on even repeats, B then A on odd ones"},
         "variants": variants,
-        "ratio_definition": "B/A = B tokens/s / A tokens/s within the same repeat (> 1: B is faster)",
+        "ratio_definition": "A/B = A tokens/s / B tokens/s within the same repeat (> 1: A, the --model, is faster)",
         "results": results,
     }
 
@@ -446,7 +446,7 @@ def format_table(result: dict) -> str:
     has_b = "B" in variants
     header = ["what", "A tokens/s median [min, max]"]
     if has_b:
-        header += ["B tokens/s median [min, max]", "B/A median [min, max]"]
+        header += ["B tokens/s median [min, max]", "A/B median [min, max]"]
     header.append("peak mem A" + (" / B" if has_b else ""))
     rows = [header]
     for w, r in result["results"].items():
