@@ -193,6 +193,15 @@ def cmd_prepare(args) -> dict:
     return {"out": str(args.out), **res}
 
 
+def cmd_demo(args) -> dict:
+    from leanlm.demo import run_demo
+
+    res = run_demo(args.out, quick=args.quick, progress=not args.json)
+    if not args.json:
+        print(Path(res["report"]).read_text())
+    return res
+
+
 def cmd_convert(args) -> dict:
     from leanlm.checkpoint import load_model, save_checkpoint
     from leanlm.hf import export_hf
@@ -323,6 +332,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the document split (default 0)")
     _json_arg(p)
     p.set_defaults(fn=cmd_prepare)
+
+    p = sub.add_parser(
+        "demo",
+        help="the main job: prepare the stdlib corpus, train, evaluate, benchmark, report",
+        description="Prepare the Python standard library corpus, train the dense baseline and every "
+        "efficiency method in leanlm at a small size on the same tokens, evaluate and "
+        "benchmark them, and write OUT/report.md with PNG plots.",
+    )
+    p.add_argument("--out", default="demo", help="output directory (default ./demo)")
+    p.add_argument("--quick", action="store_true", help="a tiny model and few steps (about a minute)")
+    _json_arg(p)
+    p.set_defaults(fn=cmd_demo)
+
+    from leanlm.train import add_train_parser
+
+    add_train_parser(sub)
 
     p = sub.add_parser(
         "convert",

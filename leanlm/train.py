@@ -495,20 +495,23 @@ def train(cfg: TrainConfig) -> dict:
             out.mkdir(parents=True, exist_ok=True)
             _remove_stale_temporaries(out)
         _seed_everything(run.seed)
-        resumed = latest_checkpoint(out, note) if run.resume else None
-        if run.resume and resumed is None:
+        found = latest_checkpoint(out, note) if run.resume else None
+        if run.resume and found is None:
             note(f"note: no complete checkpoint in {out}; starting from step 0")
+        ckpt_path, meta, weights, state = found or (None, None, None, None)
+        del found  # the weights and optimizer state are dropped as soon as they are loaded into place
 
         # ---- model: resumed weights, a pretrained init, or a fresh random model --------------------------------------
         init_tok = None
-        if resumed is not None:
-            ckpt_path, meta, weights, state = resumed
+        if ckpt_path is not None:
+            if state["step"] > run.steps:
+                raise LeanLMError(f"resume: {ckpt_path} is at step {state['step']}, beyond run.steps={run.steps}")
             model_cfg = ModelConfig.from_dict(meta["model"], where=f"{ckpt_path}/config.json: model")
             if cfg.model is not None and not run.init:
                 _check_same_model(cfg.model, model_cfg, ckpt_path)
             model = build_model(model_cfg)
             _load_weights(model, weights, str(ckpt_path))
-            del weights
+            weights = None
         elif run.init:
             model, init_tok = load_model(run.init, dtype="float32", seed=run.seed)
             model_cfg = model.cfg
@@ -551,13 +554,13 @@ def train(cfg: TrainConfig) -> dict:
 
         # ---- resume: optimizer, data position, RNGs, counters --------------------------------------------------------
         step, tokens, last_loss = 0, 0, None
-        if resumed is not None:
+        if ckpt_path is not None:
             distributed.load_optimizer_state(model, optimizer, state["optimizer"])
             batches.load_state_dict(state["data"])
             set_rng_state(state["rng"])
             step, tokens, last_loss = state["step"], state["tokens"], state["loss"]
             note(f"resuming from {ckpt_path} (step {step}, {tokens} tokens)")
-            del state
+            state = None
 
         if d.is_main:
             (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -667,7 +670,7 @@ def train(cfg: TrainConfig) -> dict:
             "tokens_per_s": (step - start_step) * tokens_per_step / train_seconds if train_seconds else None,
             "train_seconds": train_seconds,
             "flops_per_token": flops_per_token,
-            "params": sum(p.numel() for p in full.parameters()) if full is not None else None,
+            "params": sum(p.numel() for p in params),  # a DTensor's numel is that of the whole parameter
             "world_size": d.world_size,
             "strategy": strategy,
         }

@@ -253,7 +253,8 @@ def test_vocab_mismatch(tmp_path, data_dir):
 
 def test_finetune_from_checkpoint_via_cli(tmp_path, data_dir, corpus):
     pretrained = tmp_path / "pre"
-    res = train(make_cfg(pretrained, data_dir, steps=20, eval_every=0, save_every=0, log_every=20))
+    tied = {"preset": "tiny", "tie_embeddings": True}
+    res = train(make_cfg(pretrained, data_dir, model=tied, steps=20, eval_every=0, save_every=0, log_every=20))
     config = tmp_path / "ft.yaml"
     config.write_text(yaml.safe_dump({
         "data": {"inputs": [str(corpus)]},
@@ -272,4 +273,4 @@ def test_finetune_from_checkpoint_via_cli(tmp_path, data_dir, corpus):
     # the data was tokenized with the init model's tokenizer and training starts from its weights, not from scratch
     assert float(rows[0]["loss"]) < res["loss"] + 0.3 < math.log(512)
     assert ft["steps"] == 2 and Path(ft["checkpoint"]) == out / "final"
-    assert load_config(out / "config.yaml").model == preset("tiny")
+    assert load_config(out / "config.yaml").model == preset("tiny", tie_embeddings=True)
