@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -383,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("leanlm: interrupted", file=sys.stderr)
         return 130
-    if args.json:
+    if args.json and os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
         print(json.dumps({"ok": True, **result}, default=str))
     return 0
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,8 @@ import torch
 from leanlm.config import preset
 from leanlm.model import Transformer
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# one thread: on a shared 2-core machine, two OpenMP threads competing with another process are ~30x slower
+torch.set_num_threads(1)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 WIKITEXT = SHARED / "data" / "wikitext-2"

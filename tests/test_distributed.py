@@ -17,7 +17,6 @@ from test_train import write_corpus
 
 from leanlm.train import load_config, train
 
-ENTRY = Path(__file__).with_name("torchrun_train.py")
 STEPS = 6
 
 
@@ -60,8 +59,8 @@ def rows(out: Path) -> list[dict]:
 
 
 def torchrun(config: Path, out: Path, *sets: str) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ENTRY),
-           "--config", str(config), "--out", str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "leanlm",
+           "train", "--config", str(config), "--out", str(out)]
     for s in sets:
         cmd += ["--set", s]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
