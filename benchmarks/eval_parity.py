@@ -38,8 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tol", type=float, default=1e-3, help="largest accepted relative perplexity difference")
     args = ap.parse_args(argv)
     try:
-        opts = dict(seq_len=args.seq_len, stride=args.stride, max_windows=args.max_windows,
-                    batch_size=args.batch_size)
+        opts = dict(seq_len=args.seq_len, stride=args.stride, max_windows=args.max_windows, batch_size=args.batch_size)
         t0 = time.perf_counter()
         model, tok = load_model("smollm2-135m", dtype="float32")
         ours = evaluate(model, tok, args.data, **opts)
@@ -58,8 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         "model": f"smollm2-135m ({gguf.name})",
         "data": args.data,
         "protocol": ours["protocol"],
-        "leanlm": {k: ours[k] for k in ("perplexity", "bits_per_byte", "nll", "n_tokens_scored", "n_bytes_scored",
-                                        "n_windows")} | {"seconds": round(t1 - t0, 2)},
+        "leanlm": {
+            k: ours[k] for k in ("perplexity", "bits_per_byte", "nll", "n_tokens_scored", "n_bytes_scored", "n_windows")
+        }
+        | {"seconds": round(t1 - t0, 2)},
         "transformers": {k: ref[k] for k in ("perplexity", "bits_per_byte", "nll", "n_tokens_scored")}
         | {"seconds": round(t2 - t1, 2)},
         "rel_diff_perplexity": rel,

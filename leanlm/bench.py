@@ -37,12 +37,12 @@ from leanlm.errors import LeanLMError
 
 DEFINITIONS = {
     "train": "one training step on batch x seq_len tokens: forward, fp32 next-token cross-entropy computed from the "
-             "logits, backward, AdamW step; tokens/s = batch * seq_len / step time",
+    "logits, backward, AdamW step; tokens/s = batch * seq_len / step time",
     "prefill": "one forward of batch x prompt_len prompt tokens that fills a KV cache and projects only the last "
-               "position to the vocabulary; tokens/s = batch * prompt_len / time",
+    "position to the vocabulary; tokens/s = batch * prompt_len / time",
     "decode": "greedy generation of new_tokens tokens per row after a prompt of prompt_len tokens; tokens/s counts "
-              "only the steps after the first new token: batch * (new_tokens - 1) / (time from the first new token "
-              "to the last); the prompt forward and first token are excluded",
+    "only the steps after the first new token: batch * (new_tokens - 1) / (time from the first new token "
+    "to the last); the prompt forward and first token are excluded",
 }
 
 WHATS = ("train", "prefill", "decode")
@@ -222,8 +222,9 @@ class _FirstTokenClock:
         pass
 
 
-def _decode(model: nn.Module, batch: int, prompt_len: int, new_tokens: int,
-            cache_dtype: torch.dtype | None = None) -> tuple[int, float]:
+def _decode(
+    model: nn.Module, batch: int, prompt_len: int, new_tokens: int, cache_dtype: torch.dtype | None = None
+) -> tuple[int, float]:
     x = random_tokens(model, batch, prompt_len)  # (B, P)
     if _is_leanlm(model):
         from leanlm.generate import generate
@@ -232,9 +233,16 @@ def _decode(model: nn.Module, batch: int, prompt_len: int, new_tokens: int,
         return res.n_decode_tokens, res.decode_seconds
     clock = _FirstTokenClock()
     with torch.inference_mode():
-        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, use_cache=True,
-                             pad_token_id=model.config.eos_token_id or 0, streamer=clock)
+        out = model.generate(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=model.config.eos_token_id or 0,
+            streamer=clock,
+        )
     _sync(x.device)
     end = time.perf_counter()
     if out.shape[1] != prompt_len + new_tokens or clock.first is None:
@@ -272,8 +280,9 @@ def bench_prefill(model: nn.Module, batch: int, prompt_len: int) -> dict:
     return {"tokens_per_s": tps, "peak_mem_bytes": mem}
 
 
-def bench_decode(model: nn.Module, batch: int, prompt_len: int, new_tokens: int,
-                 dtype: torch.dtype | None = None) -> dict:
+def bench_decode(
+    model: nn.Module, batch: int, prompt_len: int, new_tokens: int, dtype: torch.dtype | None = None
+) -> dict:
     """Greedy decode tokens/s after the first new token (see DEFINITIONS["decode"]): {"tokens_per_s", "peak_mem_bytes"}.
 
     `dtype` is the KV cache dtype of a leanlm model (default: its parameters'); transformers models keep their own.
@@ -291,27 +300,36 @@ def _summary(samples: Sequence[float]) -> dict:
     return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "samples": list(samples)}
 
 
-def _check_args(what: Sequence[str], seq_len: int, batch: int, prompt_len: int, new_tokens: int, repeats: int,
-                warmup: int) -> None:
+def _check_args(
+    what: Sequence[str], seq_len: int, batch: int, prompt_len: int, new_tokens: int, repeats: int, warmup: int
+) -> None:
     unknown = [w for w in what if w not in WHATS]
     if unknown or not what:
         raise LeanLMError(f"--what: expected some of {', '.join(WHATS)} (got {', '.join(what) or 'nothing'})")
-    for name, value, least in (("repeats", repeats, 1), ("warmup", warmup, 0), ("batch-size", batch, 1),
-                               ("seq-len", seq_len, 2), ("prompt-len", prompt_len, 1), ("new-tokens", new_tokens, 2)):
+    for name, value, least in (
+        ("repeats", repeats, 1),
+        ("warmup", warmup, 0),
+        ("batch-size", batch, 1),
+        ("seq-len", seq_len, 2),
+        ("prompt-len", prompt_len, 1),
+        ("new-tokens", new_tokens, 2),
+    ):
         if value < least:
             raise LeanLMError(f"--{name} must be at least {least} (got {value})")
 
 
-def _check_context(model: nn.Module, ref: str, what: Sequence[str], seq_len: int, prompt_len: int,
-                   new_tokens: int) -> None:
+def _check_context(
+    model: nn.Module, ref: str, what: Sequence[str], seq_len: int, prompt_len: int, new_tokens: int
+) -> None:
     ctx = model.cfg.max_seq_len
     if "train" in what and seq_len > ctx:
         raise LeanLMError(f"--seq-len {seq_len} exceeds the context of {ref} ({ctx} tokens)")
     if "prefill" in what and prompt_len > ctx:
         raise LeanLMError(f"--prompt-len {prompt_len} exceeds the context of {ref} ({ctx} tokens)")
     if "decode" in what and prompt_len + new_tokens > ctx:
-        raise LeanLMError(f"--prompt-len {prompt_len} + --new-tokens {new_tokens} exceed the context of {ref} "
-                          f"({ctx} tokens)")
+        raise LeanLMError(
+            f"--prompt-len {prompt_len} + --new-tokens {new_tokens} exceed the context of {ref} ({ctx} tokens)"
+        )
 
 
 def _machine(device: torch.device) -> dict:
@@ -334,9 +352,20 @@ def _flops(model: nn.Module, what: Sequence[str], seq_len: int, prompt_len: int,
     return {w: model.flops_per_token(lengths[w], training=w == "train") for w in WHATS if w in what}
 
 
-def run_bench(model: str, vs: str | None = None, what: Sequence[str] = WHATS, seq_len: int = 2048,
-              batch: int = 1, prompt_len: int = 256, new_tokens: int = 128, repeats: int = 5, warmup: int = 1,
-              dtype: str = "float32", threads: int | None = None, device: str | None = None) -> dict:
+def run_bench(
+    model: str,
+    vs: str | None = None,
+    what: Sequence[str] = WHATS,
+    seq_len: int = 2048,
+    batch: int = 1,
+    prompt_len: int = 256,
+    new_tokens: int = 128,
+    repeats: int = 5,
+    warmup: int = 1,
+    dtype: str = "float32",
+    threads: int | None = None,
+    device: str | None = None,
+) -> dict:
     """Benchmark model reference `model` (A), alone or against `vs` (B: a model reference, or "hf").
 
     Arguments mirror the `leanlm bench` flags (`batch` is --batch-size); `device` defaults to CUDA when available.
@@ -365,14 +394,21 @@ def run_bench(model: str, vs: str | None = None, what: Sequence[str] = WHATS, se
         from leanlm.hf import to_hf_model
 
         models["B"] = to_hf_model(model_a).to(dev)
-        variants["B"] = {"ref": "hf", "description": "transformers LlamaForCausalLM sharing A's weights",
-                         "params": model_a.num_params(), "flops_per_token": flops_a}
+        variants["B"] = {
+            "ref": "hf",
+            "description": "transformers LlamaForCausalLM sharing A's weights",
+            "params": model_a.num_params(),
+            "flops_per_token": flops_a,
+        }
     elif vs is not None:
         model_b = load_model(vs, dtype=dtype)[0].to(dev)
         _check_context(model_b, vs, what, seq_len, prompt_len, new_tokens)
         models["B"] = model_b
-        variants["B"] = {"ref": vs, "params": model_b.num_params(),
-                         "flops_per_token": _flops(model_b, what, seq_len, prompt_len, new_tokens)}
+        variants["B"] = {
+            "ref": vs,
+            "params": model_b.num_params(),
+            "flops_per_token": _flops(model_b, what, seq_len, prompt_len, new_tokens),
+        }
 
     results = {}
     # training changes the weights: the inference measurements go first and see the model as loaded
@@ -390,7 +426,7 @@ def run_bench(model: str, vs: str | None = None, what: Sequence[str] = WHATS, se
             tps: dict[str, list[float]] = {k: [] for k in runners}
             mem: dict[str, list[int]] = {k: [] for k in runners}
             for r in range(repeats):
-                for k in (list(runners) if r % 2 == 0 else list(runners)[::-1]):
+                for k in list(runners) if r % 2 == 0 else list(runners)[::-1]:
                     rate, peak = _measure(runners[k], dev)
                     tps[k].append(rate)
                     if peak is not None:
@@ -409,9 +445,17 @@ def run_bench(model: str, vs: str | None = None, what: Sequence[str] = WHATS, se
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": _machine(dev),
-        "settings": {"seq_len": seq_len, "batch": batch, "prompt_len": prompt_len,
-                     "new_tokens": new_tokens, "repeats": repeats, "warmup": warmup, "dtype": dtype, "seed": SEED,
-                     "order": "A then B on even repeats, B then A on odd ones"},
+        "settings": {
+            "seq_len": seq_len,
+            "batch": batch,
+            "prompt_len": prompt_len,
+            "new_tokens": new_tokens,
+            "repeats": repeats,
+            "warmup": warmup,
+            "dtype": dtype,
+            "seed": SEED,
+            "order": "A then B on even repeats, B then A on odd ones",
+        },
         "variants": variants,
         "ratio_definition": "A/B = A tokens/s / B tokens/s within the same repeat (> 1: A, the --model, is faster)",
         "results": results,
@@ -437,8 +481,10 @@ def format_table(result: dict) -> str:
     """A terminal table of a `run_bench` result: medians with [min, max] over repeats, then the definitions."""
     m, s, variants = result["machine"], result["settings"], result["variants"]
     hw = m.get("gpu", m["processor"])
-    lines = [f"leanlm bench  {result['date']}  {m['device']} ({hw}), {m['threads']} threads, torch {m['torch']}, "
-             f"{s['dtype']}, batch {s['batch']}, {s['repeats']} repeats after {s['warmup']} warmup"]
+    lines = [
+        f"leanlm bench  {result['date']}  {m['device']} ({hw}), {m['threads']} threads, torch {m['torch']}, "
+        f"{s['dtype']}, batch {s['batch']}, {s['repeats']} repeats after {s['warmup']} warmup"
+    ]
     for k, v in variants.items():
         flops = ", ".join(f"{w} {f / 1e9:.3g}" for w, f in v["flops_per_token"].items())
         desc = f" ({v['description']})" if "description" in v else ""
@@ -462,8 +508,10 @@ def format_table(result: dict) -> str:
     if has_b:
         notes += [f"order: {s['order']}", result["ratio_definition"]]
     notes += [f"{w}: {result['results'][w]['definition']}" for w in result["results"]]
-    notes.append("peak mem: extra memory of one measured call above what was in use before it, max over repeats "
-                 "(CUDA: allocated tensors; CPU: sampled RSS, approximate)")
+    notes.append(
+        "peak mem: extra memory of one measured call above what was in use before it, max over repeats "
+        "(CUDA: allocated tensors; CPU: sampled RSS, approximate)"
+    )
     lines.append("")
     lines += [textwrap.fill(n, width=120, subsequent_indent="    ") for n in notes]
     return "\n".join(lines)

@@ -149,10 +149,14 @@ def _resolve_tokenizer(ref: str) -> tuple[str, list[Path]]:
 
         return "gguf", [smollm2_gguf()]
     if ref in PRESETS:
-        raise LeanLMError(f"preset {ref!r} has no published weights, hence no tokenizer (presets with one: "
-                          f"{', '.join(PRETRAINED_PRESETS)})")
-    raise LeanLMError(f"{ref}: unknown tokenizer (expected a tokenizer.json file, a directory containing one, a .gguf "
-                      f"file or one of the presets {', '.join(PRETRAINED_PRESETS)})")
+        raise LeanLMError(
+            f"preset {ref!r} has no published weights, hence no tokenizer (presets with one: "
+            f"{', '.join(PRETRAINED_PRESETS)})"
+        )
+    raise LeanLMError(
+        f"{ref}: unknown tokenizer (expected a tokenizer.json file, a directory containing one, a .gguf "
+        f"file or one of the presets {', '.join(PRETRAINED_PRESETS)})"
+    )
 
 
 def load_tokenizer_ref(ref: str | Path) -> Tokenizer:
@@ -171,8 +175,9 @@ def load_tokenizer_ref(ref: str | Path) -> Tokenizer:
         raise LeanLMError(f"{files[0]}: cannot read a tokenizer from this GGUF file ({str(e)[:120]})") from None
 
 
-def train_tokenizer(texts: Iterator[str], vocab_size: int, n_texts: int | None = None,
-                    progress: bool = False) -> Tokenizer:
+def train_tokenizer(
+    texts: Iterator[str], vocab_size: int, n_texts: int | None = None, progress: bool = False
+) -> Tokenizer:
     """A byte-level BPE (GPT-2 style) with `<|endoftext|>` as its only special token, used as bos and eos."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -181,8 +186,12 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int, n_texts: int | None =
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=progress,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        show_progress=progress,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer, length=n_texts)
     return Tokenizer(tok, bos_token=EOT, eos_token=EOT)
 
@@ -201,8 +210,14 @@ def _document_separator(tok: Tokenizer) -> tuple[Tokenizer, str]:
     if sep is None:
         raise LeanLMError("the tokenizer has no end-of-text token (<|endoftext|>, eos or </s>) to separate documents")
     if tok.eos_id is None:
-        tok = Tokenizer(tok.tok, bos_token=tok.bos_token, eos_token=sep, chat_template=tok.chat_template,
-                        add_bos=tok.add_bos, pad_token=tok.pad_token)
+        tok = Tokenizer(
+            tok.tok,
+            bos_token=tok.bos_token,
+            eos_token=sep,
+            chat_template=tok.chat_template,
+            add_bos=tok.add_bos,
+            pad_token=tok.pad_token,
+        )
     return tok, sep
 
 
@@ -273,8 +288,15 @@ def _reread(doc: _Doc) -> str:
     return text
 
 
-def prepare(inputs: list[str], out: str | Path, tokenizer: str | None = None, vocab_size: int = 8192,
-            val_fraction: float = 0.05, seed: int = 0, progress: bool = True) -> dict:
+def prepare(
+    inputs: list[str],
+    out: str | Path,
+    tokenizer: str | None = None,
+    vocab_size: int = 8192,
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
     """Tokenize text files into `out` (see the module docstring); returns the manifest plus `reused`.
 
     `inputs`: files, directories (recursively, hidden entries skipped), globs, or the word `stdlib`.
@@ -297,8 +319,14 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str | None = None, vo
         raise LeanLMError(f"{out}: exists and is not a prepared data directory; refusing to overwrite it")
 
     docs, sources = _discover(inputs)
-    options = {"format": FORMAT_VERSION, "inputs": list(inputs), "val_fraction": val_fraction, "seed": seed,
-               "vocab_size": vocab_size if tokenizer is None else None, "tokenizer": tokenizer}
+    options = {
+        "format": FORMAT_VERSION,
+        "inputs": list(inputs),
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "vocab_size": vocab_size if tokenizer is None else None,
+        "tokenizer": tokenizer,
+    }
     if tokenizer is not None:
         _, tok_files = _resolve_tokenizer(tokenizer)
         options["tokenizer_files"] = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in tok_files]
@@ -319,8 +347,10 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str | None = None, vo
             kept.append(d)
             n_bytes += d.size
     if not kept:
-        raise LeanLMError(f"the corpus is empty: {len(docs)} files found, {len(skipped)} not UTF-8, "
-                          f"{n_empty} empty or whitespace only")
+        raise LeanLMError(
+            f"the corpus is empty: {len(docs)} files found, {len(skipped)} not UTF-8, "
+            f"{n_empty} empty or whitespace only"
+        )
     is_val = split_documents([d.key for d in kept], val_fraction, seed)
     t_scan = time.perf_counter()
 
@@ -328,8 +358,10 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str | None = None, vo
         train_docs = [d for d, v in zip(kept, is_val) if not v] or kept  # a single document trains on all of it
         tok = train_tokenizer((_reread(d) for d in train_docs), vocab_size, len(train_docs), progress=progress)
         if tok.vocab_size < vocab_size:  # BPE ran out of pairs to merge: the model can be smaller than asked
-            print(f"warning: the corpus yields only {tok.vocab_size} tokens (vocab_size {vocab_size} was asked for)",
-                  file=sys.stderr)
+            print(
+                f"warning: the corpus yields only {tok.vocab_size} tokens (vocab_size {vocab_size} was asked for)",
+                file=sys.stderr,
+            )
     else:
         tok = load_tokenizer_ref(tokenizer)
     tok, sep = _document_separator(tok)
@@ -339,8 +371,11 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str | None = None, vo
     dtype = token_dtype(vocab)
 
     with atomic_dir(out) as tmp:
-        with open(tmp / "train.bin", "wb") as ftrain, open(tmp / "val.bin", "wb") as fval, \
-                tqdm(total=len(kept), unit="doc", desc="tokenizing", file=sys.stderr, disable=not progress) as bar:
+        with (
+            open(tmp / "train.bin", "wb") as ftrain,
+            open(tmp / "val.bin", "wb") as fval,
+            tqdm(total=len(kept), unit="doc", desc="tokenizing", file=sys.stderr, disable=not progress) as bar,
+        ):
             files, counts = {False: ftrain, True: fval}, {False: 0, True: 0}
             val_of = dict(zip(kept, is_val))
             for chunk in _chunks(kept):
@@ -379,8 +414,11 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str | None = None, vo
             "val_fraction": val_fraction,
             "seed": seed,
             "fingerprint": fingerprint,
-            "seconds": {"scan": round(t_scan - t0, 3), "tokenizer": round(t_tok - t_scan, 3),
-                        "encode": round(time.perf_counter() - t_tok, 3)},
+            "seconds": {
+                "scan": round(t_scan - t0, 3),
+                "tokenizer": round(t_tok - t_scan, 3),
+                "encode": round(time.perf_counter() - t_tok, 3),
+            },
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return {**manifest, "reused": False}
@@ -434,7 +472,7 @@ class TokenDataset:
 
 
 def _windows(tokens: np.ndarray, starts: Sequence[int], seq_len: int) -> tuple[Tensor, Tensor]:
-    buf = torch.from_numpy(np.stack([tokens[i:i + seq_len + 1] for i in starts]).astype(np.int64))
+    buf = torch.from_numpy(np.stack([tokens[i : i + seq_len + 1] for i in starts]).astype(np.int64))
     return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
 
 
@@ -443,8 +481,10 @@ def _check_batch_args(dataset: TokenDataset, batch_size: int, seq_len: int) -> N
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise LeanLMError(f"{name} must be a positive integer, got {v!r}")
     if len(dataset) < seq_len + 1:
-        raise LeanLMError(f"{dataset.path} ({dataset.split}): {len(dataset)} tokens, fewer than seq_len + 1 = "
-                          f"{seq_len + 1}; use a shorter seq_len or more data")
+        raise LeanLMError(
+            f"{dataset.path} ({dataset.split}): {len(dataset)} tokens, fewer than seq_len + 1 = "
+            f"{seq_len + 1}; use a shorter seq_len or more data"
+        )
 
 
 class BatchIterator:
@@ -455,8 +495,9 @@ class BatchIterator:
     with batch W*B sees. `state_dict` captures the position, so a resumed run continues with the same batches.
     """
 
-    def __init__(self, dataset: TokenDataset, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1):
+    def __init__(
+        self, dataset: TokenDataset, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1
+    ):
         _check_batch_args(dataset, batch_size, seq_len)
         if not 0 <= rank < world_size:
             raise LeanLMError(f"rank must be in [0, world_size={world_size}), got {rank}")
@@ -471,7 +512,7 @@ class BatchIterator:
     def __next__(self) -> tuple[Tensor, Tensor]:
         n_starts = len(self.dataset) - self.seq_len  # the last start still leaves room for y's final token
         starts = torch.randint(0, n_starts, (self.world_size * self.batch_size,), generator=self.generator)
-        mine = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        mine = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         self.step += 1
         return _windows(self.dataset.tokens, mine.tolist(), self.seq_len)
 
@@ -486,17 +527,18 @@ class BatchIterator:
             raise LeanLMError(f"not a BatchIterator state ({e})") from None
 
 
-def val_batches(dataset: TokenDataset, batch_size: int, seq_len: int,
-                max_batches: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+def val_batches(
+    dataset: TokenDataset, batch_size: int, seq_len: int, max_batches: int | None = None
+) -> Iterator[tuple[Tensor, Tensor]]:
     """Sequential non-overlapping windows from the start of `dataset`, `batch_size` at a time (the last batch may be
     smaller), at most `max_batches` batches: the same tokens every time, for comparable validation losses."""
     _check_batch_args(dataset, batch_size, seq_len)
     starts = range(0, (len(dataset) - 1) // seq_len * seq_len, seq_len)
     if max_batches is not None:
-        starts = starts[:max_batches * batch_size]
+        starts = starts[: max_batches * batch_size]
 
     def batches() -> Iterator[tuple[Tensor, Tensor]]:  # a nested generator so bad arguments raise at the call
         for b in range(0, len(starts), batch_size):
-            yield _windows(dataset.tokens, starts[b:b + batch_size], seq_len)
+            yield _windows(dataset.tokens, starts[b : b + batch_size], seq_len)
 
     return batches()

@@ -87,7 +87,7 @@ def teardown(d: Dist) -> None:
 
 
 def resolve_strategy(strategy: str, world_size: int) -> str:
-    """"none" for one process (wrapping one process gains nothing), else ddp or fsdp ("auto" = ddp)."""
+    """ "none" for one process (wrapping one process gains nothing), else ddp or fsdp ("auto" = ddp)."""
     if strategy not in STRATEGIES:
         raise LeanLMError(f"run.strategy: must be one of {', '.join(STRATEGIES)} (got {strategy!r})")
     if world_size == 1:

@@ -134,23 +134,35 @@ def _check(seq_len: int, stride: int | None, max_windows: int | None, batch_size
         raise LeanLMError(f"batch_size must be at least 1 (got {batch_size})")
 
 
-def _protocol(paths: Sequence[str | Path], n_tokens: int, seq_len: int, stride: int | None, n_used: int,
-              n_all: int) -> str:
+def _protocol(
+    paths: Sequence[str | Path], n_tokens: int, seq_len: int, stride: int | None, n_used: int, n_all: int
+) -> str:
     files = "whole file" if len(paths) == 1 else f"{len(paths)} files, each whole,"
     parts = [f"{files} tokenized without BOS ({n_tokens} tokens)"]
     if stride is None:
         parts += [f"non-overlapping windows of {seq_len} tokens", "every token after the first of each window scored"]
     else:
-        parts += [f"sliding windows of up to {seq_len} tokens every {stride} tokens",
-                  "each window scores only the tokens the previous one did not (the first: all but its first token)"]
+        parts += [
+            f"sliding windows of up to {seq_len} tokens every {stride} tokens",
+            "each window scores only the tokens the previous one did not (the first: all but its first token)",
+        ]
     parts.append(f"first {n_used} of {n_all} windows" if n_used < n_all else f"all {n_all} windows")
     return "; ".join(parts)
 
 
 @torch.inference_mode()
-def _score(logits_of: Callable[[Tensor], Tensor], device: torch.device, vocab_size: int, tokenizer,
-           paths: Sequence[str | Path], seq_len: int, stride: int | None, max_windows: int | None, batch_size: int,
-           progress: bool) -> dict:
+def _score(
+    logits_of: Callable[[Tensor], Tensor],
+    device: torch.device,
+    vocab_size: int,
+    tokenizer,
+    paths: Sequence[str | Path],
+    seq_len: int,
+    stride: int | None,
+    max_windows: int | None,
+    batch_size: int,
+    progress: bool,
+) -> dict:
     """The protocol, for any model given as `logits_of(ids (B, T)) -> logits (B, T, V)`."""
     from tqdm import tqdm
 
@@ -158,8 +170,10 @@ def _score(logits_of: Callable[[Tensor], Tensor], device: torch.device, vocab_si
     if len(ids) < 2:
         raise LeanLMError(f"{', '.join(map(str, paths))}: fewer than 2 tokens, nothing to predict")
     if int(ids.max()) >= vocab_size:
-        raise LeanLMError(f"the tokenizer produced id {int(ids.max())} but the model's vocabulary has {vocab_size} "
-                          "tokens: tokenizer and model do not belong together")
+        raise LeanLMError(
+            f"the tokenizer produced id {int(ids.max())} but the model's vocabulary has {vocab_size} "
+            "tokens: tokenizer and model do not belong together"
+        )
     all_windows = plan_windows(len(ids), seq_len, stride)
     windows = all_windows[:max_windows]
     byte_prefix = np.concatenate(([0], np.cumsum(nbytes)))  # bytes of tokens [a, b) = prefix[b] - prefix[a]
@@ -199,8 +213,16 @@ def _score(logits_of: Callable[[Tensor], Tensor], device: torch.device, vocab_si
     }
 
 
-def evaluate(model, tokenizer, paths: Sequence[str | Path], seq_len: int, stride: int | None = None,
-             max_windows: int | None = None, batch_size: int = 1, progress: bool = True) -> dict:
+def evaluate(
+    model,
+    tokenizer,
+    paths: Sequence[str | Path],
+    seq_len: int,
+    stride: int | None = None,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> dict:
     """Perplexity of a leanlm model on text files under the protocol of this module's docstring.
 
     Returns perplexity, bits_per_byte, nll (mean nats per scored token), n_tokens_scored, n_bytes_scored, n_windows
@@ -208,12 +230,21 @@ def evaluate(model, tokenizer, paths: Sequence[str | Path], seq_len: int, stride
     """
     _check(seq_len, stride, max_windows, batch_size, model.cfg.max_seq_len)
     device = next(model.parameters()).device
-    return _score(model, device, model.cfg.vocab_size, tokenizer, paths, seq_len, stride, max_windows, batch_size,
-                  progress)
+    return _score(
+        model, device, model.cfg.vocab_size, tokenizer, paths, seq_len, stride, max_windows, batch_size, progress
+    )
 
 
-def hf_reference_perplexity(hf_model, tokenizer, paths: Sequence[str | Path], seq_len: int, stride: int | None = None,
-                            max_windows: int | None = None, batch_size: int = 1, progress: bool = False) -> dict:
+def hf_reference_perplexity(
+    hf_model,
+    tokenizer,
+    paths: Sequence[str | Path],
+    seq_len: int,
+    stride: int | None = None,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    progress: bool = False,
+) -> dict:
     """`evaluate`, protocol and all, with a transformers causal LM (e.g. LlamaForCausalLM) as the model.
 
     `tokenizer` may be a leanlm Tokenizer or a transformers fast tokenizer.
@@ -221,5 +252,15 @@ def hf_reference_perplexity(hf_model, tokenizer, paths: Sequence[str | Path], se
     cfg = hf_model.config
     _check(seq_len, stride, max_windows, batch_size, cfg.max_position_embeddings)
     device = next(hf_model.parameters()).device
-    return _score(lambda x: hf_model(input_ids=x, use_cache=False).logits, device, cfg.vocab_size, tokenizer, paths,
-                  seq_len, stride, max_windows, batch_size, progress)
+    return _score(
+        lambda x: hf_model(input_ids=x, use_cache=False).logits,
+        device,
+        cfg.vocab_size,
+        tokenizer,
+        paths,
+        seq_len,
+        stride,
+        max_windows,
+        batch_size,
+        progress,
+    )

@@ -324,8 +324,13 @@ def rng_state() -> dict:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss_next": gauss_next},
     }
 
@@ -426,8 +431,15 @@ def plot_losses(metrics_csv: Path, png: Path) -> bool:
 
 
 @torch.no_grad()
-def validation_loss(model: nn.Module, dataset: Any, batch_size: int, seq_len: int, max_batches: int,
-                    device: torch.device, autocast: typing.Callable) -> float:
+def validation_loss(
+    model: nn.Module,
+    dataset: Any,
+    batch_size: int,
+    seq_len: int,
+    max_batches: int,
+    device: torch.device,
+    autocast: typing.Callable,
+) -> float:
     """Mean cross-entropy per token over the first `max_batches` validation batches (the same windows every time)."""
     from leanlm.data import val_batches
 
@@ -528,23 +540,35 @@ def train(cfg: TrainConfig) -> dict:
         data_dir = Path(cfg.data.dir) if cfg.data.dir else out / "data"
         if cfg.data.inputs is not None:
             if d.is_main:
-                prepare(cfg.data.inputs, data_dir, tokenizer=cfg.data.tokenizer or run.init,
-                        vocab_size=cfg.data.vocab_size or model_cfg.vocab_size, val_fraction=cfg.data.val_fraction,
-                        progress=run.progress)
+                prepare(
+                    cfg.data.inputs,
+                    data_dir,
+                    tokenizer=cfg.data.tokenizer or run.init,
+                    vocab_size=cfg.data.vocab_size or model_cfg.vocab_size,
+                    val_fraction=cfg.data.val_fraction,
+                    progress=run.progress,
+                )
             distributed.barrier(d)
         train_data, val_data = TokenDataset(data_dir, "train"), TokenDataset(data_dir, "val")
         tokenizer = Tokenizer.load(data_dir)
         if train_data.vocab_size > model_cfg.vocab_size:
-            raise LeanLMError(f"vocab mismatch: the data in {data_dir} uses {train_data.vocab_size} token ids but the "
-                              f"model has {model_cfg.vocab_size}; prepare the data with the model's tokenizer")
+            raise LeanLMError(
+                f"vocab mismatch: the data in {data_dir} uses {train_data.vocab_size} token ids but the "
+                f"model has {model_cfg.vocab_size}; prepare the data with the model's tokenizer"
+            )
         if init_tok is not None and init_tok.tok.get_vocab() != tokenizer.tok.get_vocab():
-            note(f"warning: {data_dir} was tokenized differently from {run.init}'s tokenizer; "
-                 f"prepare it with `--tokenizer {run.init}`")
+            note(
+                f"warning: {data_dir} was tokenized differently from {run.init}'s tokenizer; "
+                f"prepare it with `--tokenizer {run.init}`"
+            )
         if len(val_data) < run.seq_len + 1:
-            raise LeanLMError(f"{data_dir}: {len(val_data)} validation tokens, fewer than seq_len + 1 = "
-                              f"{run.seq_len + 1}; raise data.val_fraction or lower run.seq_len")
-        batches = BatchIterator(train_data, local_batch, run.seq_len, seed=run.seed, rank=d.rank,
-                                world_size=d.world_size)
+            raise LeanLMError(
+                f"{data_dir}: {len(val_data)} validation tokens, fewer than seq_len + 1 = "
+                f"{run.seq_len + 1}; raise data.val_fraction or lower run.seq_len"
+            )
+        batches = BatchIterator(
+            train_data, local_batch, run.seq_len, seed=run.seed, rank=d.rank, world_size=d.world_size
+        )
 
         # ---- optimizer: after wrapping, since FSDP replaces the parameters with shards -------------------------------
         raw = model.float().to(d.device)
@@ -574,8 +598,14 @@ def train(cfg: TrainConfig) -> dict:
         tokens_per_step = run.batch_size * run.seq_len * run.grad_accum
         autocast = functools.partial(torch.autocast, d.device.type, dtype=torch.bfloat16, enabled=run.bf16)
         max_norm = cfg.optim.grad_clip or math.inf  # clip_grad_norm_ with inf only measures the norm
-        bar = tqdm(total=run.steps, initial=step, unit="step", file=sys.stderr, dynamic_ncols=True,
-                   disable=not (run.progress and d.is_main))
+        bar = tqdm(
+            total=run.steps,
+            initial=step,
+            unit="step",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            disable=not (run.progress and d.is_main),
+        )
         stack.callback(bar.close)
         start_step, train_seconds, val_loss = step, 0.0, None
         interval_tokens, interval_seconds = 0, 0.0
@@ -607,8 +637,10 @@ def train(cfg: TrainConfig) -> dict:
             if not (math.isfinite(objective) and math.isfinite(norm_val)):
                 what = f"loss is {objective}" if not math.isfinite(objective) else f"gradient norm is {norm_val}"
                 last = checkpoint_dirs(out)
-                raise LeanLMError(f"step {step + 1}: {what}; stopped without updating the weights (lower optim.lr?); "
-                                  f"last checkpoint: {last[-1] if last else 'none'}")
+                raise LeanLMError(
+                    f"step {step + 1}: {what}; stopped without updating the weights (lower optim.lr?); "
+                    f"last checkpoint: {last[-1] if last else 'none'}"
+                )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step, tokens, last_loss = step + 1, tokens + tokens_per_step, loss_val
@@ -621,15 +653,35 @@ def train(cfg: TrainConfig) -> dict:
             val_now = None
             if is_last or (run.eval_every and step % run.eval_every == 0):
                 # every rank scores the same windows: FSDP needs all ranks in every forward, and the result is final
-                val_now = val_loss = validation_loss(distributed.unwrap(model), val_data, local_batch, run.seq_len,
-                                                     run.eval_batches * d.world_size, d.device, autocast)
+                val_now = val_loss = validation_loss(
+                    distributed.unwrap(model),
+                    val_data,
+                    local_batch,
+                    run.seq_len,
+                    run.eval_batches * d.world_size,
+                    d.device,
+                    autocast,
+                )
             if is_last or val_now is not None or step % run.log_every == 0:
                 tps = interval_tokens / interval_seconds
-                log.write({"step": step, "tokens": tokens, "loss": loss_val, "val_loss": val_now, "lr": lr,
-                           "grad_norm": norm_val, "tokens_per_s": tps, "flops_per_token": flops_per_token})
+                log.write(
+                    {
+                        "step": step,
+                        "tokens": tokens,
+                        "loss": loss_val,
+                        "val_loss": val_now,
+                        "lr": lr,
+                        "grad_norm": norm_val,
+                        "tokens_per_s": tps,
+                        "flops_per_token": flops_per_token,
+                    }
+                )
                 interval_tokens, interval_seconds = 0, 0.0
-                bar.set_postfix_str(f"loss {loss_val:.3f} lr {lr:.2e} {tps:,.0f} tok/s"
-                                    + (f" val {val_loss:.3f}" if val_loss is not None else ""), refresh=False)
+                bar.set_postfix_str(
+                    f"loss {loss_val:.3f} lr {lr:.2e} {tps:,.0f} tok/s"
+                    + (f" val {val_loss:.3f}" if val_loss is not None else ""),
+                    refresh=False,
+                )
             bar.update(1)
 
             if run.save_every and (is_last or step % run.save_every == 0):
@@ -655,8 +707,15 @@ def train(cfg: TrainConfig) -> dict:
 
         # ---- final save: weights + config + tokenizer for eval/generate/bench ----------------------------------------
         if val_loss is None:  # resumed at the last step: nothing was scored in this session
-            val_loss = validation_loss(distributed.unwrap(model), val_data, local_batch, run.seq_len,
-                                       run.eval_batches * d.world_size, d.device, autocast)
+            val_loss = validation_loss(
+                distributed.unwrap(model),
+                val_data,
+                local_batch,
+                run.seq_len,
+                run.eval_batches * d.world_size,
+                d.device,
+                autocast,
+            )
         if not _weights_finite(model, d):
             raise LeanLMError(f"step {step}: the weights are no longer finite; not saving {out / 'final'}")
         full = _model_for_saving(model, model_cfg, d)
@@ -703,13 +762,19 @@ def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override one config key, value parsed as YAML, e.g. --set run.steps=100 --set optim.lr=1e-3 "
-        "(repeatable)",
+        help="override one config key, value parsed as YAML, e.g. --set run.steps=100 --set optim.lr=1e-3 (repeatable)",
     )
-    p.add_argument("--init", metavar="REF", help="fine-tune from this model: preset, checkpoint dir, HF dir or .gguf "
-                   "(sets run.init; the data is tokenized with its tokenizer)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the latest complete checkpoint in the output directory (sets run.resume)")
+    p.add_argument(
+        "--init",
+        metavar="REF",
+        help="fine-tune from this model: preset, checkpoint dir, HF dir or .gguf "
+        "(sets run.init; the data is tokenized with its tokenizer)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest complete checkpoint in the output directory (sets run.resume)",
+    )
     p.add_argument("--out", metavar="DIR", help="output directory (sets run.out)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last stdout line")
     p.set_defaults(fn=cmd_train)
@@ -727,8 +792,10 @@ def cmd_train(args: argparse.Namespace) -> dict:
         val = f"{result['val_loss']:.4f}" if result["val_loss"] is not None else "-"
         loss = f"{result['loss']:.4f}" if result["loss"] is not None else "-"
         tps = f"{result['tokens_per_s']:,.0f}" if result["tokens_per_s"] else "-"
-        print(f"{result['steps']} steps, {result['tokens']:,} tokens: loss {loss}, val_loss {val}, {tps} tok/s; "
-              f"model in {result['checkpoint']}")
+        print(
+            f"{result['steps']} steps, {result['tokens']:,} tokens: loss {loss}, val_loss {val}, {tps} tok/s; "
+            f"model in {result['checkpoint']}"
+        )
     return result
 
 

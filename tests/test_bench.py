@@ -76,8 +76,9 @@ def test_vs_hf():
     for res in r["results"].values():
         check_summary(res["B"], 2)
         check_summary(res["ratio"], 2)
-        assert res["ratio"]["samples"] == pytest.approx([a / b for a, b in zip(res["A"]["samples"],
-                                                                                 res["B"]["samples"])])
+        assert res["ratio"]["samples"] == pytest.approx(
+            [a / b for a, b in zip(res["A"]["samples"], res["B"]["samples"])]
+        )
     table = format_table(r)
     assert "A/B median" in table and "train" in table and "decode" in table
 

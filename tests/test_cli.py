@@ -28,8 +28,10 @@ def run_json(capsys, argv: list[str]) -> tuple[int, dict]:
 
 
 def test_generate_json_batch(capsys, tiny_ckpt):
-    rc, res = run_json(capsys, ["generate", "-m", str(tiny_ckpt), "-p", "def add", "-p", "The quick brown fox",
-                                "-n", "5", "--ignore-eos"])
+    rc, res = run_json(
+        capsys,
+        ["generate", "-m", str(tiny_ckpt), "-p", "def add", "-p", "The quick brown fox", "-n", "5", "--ignore-eos"],
+    )
     assert rc == 0 and res["ok"] and len(res["outputs"]) == 2 and all(len(t) == 5 for t in res["tokens"])
 
 
@@ -56,13 +58,16 @@ def test_convert_round_trip_and_refuses_to_overwrite(capsys, tmp_path, tiny_ckpt
     assert rc == 2 and "--force" in res["error"]
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["convert", "does/not/exist", "OUT"], "no such file or directory"),
-    (["convert", "nope-preset", "OUT"], "not a preset"),
-    (["eval", "-m", "tiny", "-d", "missing.txt"], "missing.txt: no such file"),
-    (["prepare", "missing-dir", "--out", "OUT"], "missing-dir"),
-    (["bench", "-m", "tiny", "--what", "fly"], "unknown benchmark 'fly'"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["convert", "does/not/exist", "OUT"], "no such file or directory"),
+        (["convert", "nope-preset", "OUT"], "not a preset"),
+        (["eval", "-m", "tiny", "-d", "missing.txt"], "missing.txt: no such file"),
+        (["prepare", "missing-dir", "--out", "OUT"], "missing-dir"),
+        (["bench", "-m", "tiny", "--what", "fly"], "unknown benchmark 'fly'"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, needle):
     argv = [a.replace("OUT", str(tmp_path / "out")) for a in argv]
     rc = main(argv)
@@ -78,16 +83,18 @@ def test_directory_that_is_not_a_checkpoint(tmp_path, capsys):
 
 def test_prepare_then_eval(capsys, tmp_path, tiny_ckpt):
     (tmp_path / "a.txt").write_text(TEXT)
-    rc, res = run_json(capsys, ["prepare", str(tmp_path / "a.txt"), "--out", str(tmp_path / "data"),
-                                "--tokenizer", str(tiny_ckpt)])
+    rc, res = run_json(
+        capsys, ["prepare", str(tmp_path / "a.txt"), "--out", str(tmp_path / "data"), "--tokenizer", str(tiny_ckpt)]
+    )
     assert rc == 0 and res["train_tokens"] > 0
     rc, res = run_json(capsys, ["eval", "-m", str(tiny_ckpt), "-d", str(tmp_path / "a.txt"), "--seq-len", "64"])
     assert rc == 0 and res["perplexity"] > 1 and "windows of 64" in res["protocol"]
 
 
 def test_console_entry_point_and_module():
-    out = subprocess.run([sys.executable, "-m", "leanlm", "convert", "nope", "x", "--json"], capture_output=True,
-                         text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "leanlm", "convert", "nope", "x", "--json"], capture_output=True, text=True
+    )
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1])["ok"] is False
     for verb in ("generate", "eval", "bench", "convert", "prepare"):

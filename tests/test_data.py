@@ -173,8 +173,12 @@ def test_bad_inputs(corpus, tmp_path):
             prep([root], tmp_path / "out", vocab_size=bad)
     with pytest.raises(LeanLMError, match="val_fraction"):
         prep([root], tmp_path / "out", val_fraction=0.0)
-    for ref, msg in (("no-such-tokenizer", "unknown tokenizer"), ("tiny", "no published weights"),
-                     (str(root), "no tokenizer.json"), (str(root / "doc01.txt"), "not a valid tokenizer.json")):
+    for ref, msg in (
+        ("no-such-tokenizer", "unknown tokenizer"),
+        ("tiny", "no published weights"),
+        (str(root), "no tokenizer.json"),
+        (str(root / "doc01.txt"), "not a valid tokenizer.json"),
+    ):
         with pytest.raises(LeanLMError, match=msg):
             prep([root], tmp_path / "out", tokenizer=ref)
     (tmp_path / "busy").mkdir()
@@ -252,8 +256,11 @@ def test_batch_iterator_windows_and_determinism(prepared):
         assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64
         assert torch.equal(x, x2) and torch.equal(y, y2) and torch.equal(x[:, 1:], y[:, :-1])
         for row_x, row_y in zip(x, y):  # each row is a real window of the split
-            i = next(i for i in range(len(tokens) - 16) if torch.equal(tokens[i:i + 16], row_x)
-                     and torch.equal(tokens[i + 1:i + 17], row_y))
+            i = next(
+                i
+                for i in range(len(tokens) - 16)
+                if torch.equal(tokens[i : i + 16], row_x) and torch.equal(tokens[i + 1 : i + 17], row_y)
+            )
             assert i >= 0
     assert not torch.equal(next(BatchIterator(ds, 4, 16, seed=4))[0], next(BatchIterator(ds, 4, 16, seed=3))[0])
 
@@ -304,7 +311,9 @@ def test_val_batches(prepared):
     batches = list(val_batches(ds, 3, T))
     assert [len(x) for x, _ in batches] == [3] * (n_windows // 3) + ([n_windows % 3] if n_windows % 3 else [])
     xs, ys = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
-    assert torch.equal(xs.flatten(), tokens[:n_windows * T]) and torch.equal(ys.flatten(), tokens[1:n_windows * T + 1])
+    assert torch.equal(xs.flatten(), tokens[: n_windows * T]) and torch.equal(
+        ys.flatten(), tokens[1 : n_windows * T + 1]
+    )
     limited = list(val_batches(ds, 3, T, max_batches=2))
     assert len(limited) == 2 and all(torch.equal(a[0], b[0]) for a, b in zip(limited, batches))
 

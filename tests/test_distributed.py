@@ -35,13 +35,27 @@ def config(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("dist")
     prepare([str(write_corpus(root / "corpus"))], root / "data", vocab_size=300, progress=False)
     path = root / "cfg.yaml"
-    path.write_text(yaml.safe_dump({
-        "model": {"preset": "tiny"},
-        "data": {"dir": str(root / "data")},
-        "optim": {"lr": 3e-3, "warmup_steps": 2},
-        "run": {"steps": STEPS, "batch_size": 4, "seq_len": 32, "grad_accum": 2, "eval_every": 3, "eval_batches": 2,
-                "save_every": 3, "keep_last": 0, "log_every": 1, "progress": False},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"preset": "tiny"},
+                "data": {"dir": str(root / "data")},
+                "optim": {"lr": 3e-3, "warmup_steps": 2},
+                "run": {
+                    "steps": STEPS,
+                    "batch_size": 4,
+                    "seq_len": 32,
+                    "grad_accum": 2,
+                    "eval_every": 3,
+                    "eval_batches": 2,
+                    "save_every": 3,
+                    "keep_last": 0,
+                    "log_every": 1,
+                    "progress": False,
+                },
+            }
+        )
+    )
     return path
 
 
@@ -59,8 +73,21 @@ def rows(out: Path) -> list[dict]:
 
 
 def torchrun(config: Path, out: Path, *sets: str) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "leanlm",
-           "train", "--config", str(config), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "leanlm",
+        "train",
+        "--config",
+        str(config),
+        "--out",
+        str(out),
+    ]
     for s in sets:
         cmd += ["--set", s]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

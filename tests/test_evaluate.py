@@ -36,8 +36,9 @@ def tokenizer() -> Tokenizer:
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     tok.train_from_iterator([TEXT], trainer)
     assert tok.get_vocab_size() <= 512  # the tiny preset's vocabulary
     return Tokenizer(tok)
@@ -186,7 +187,9 @@ def test_smollm2_wikitext_matches_transformers_gguf():
     hf_tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     ref = hf_reference_perplexity(hf_model, hf_tok, [WIKITEXT], seq_len=512, max_windows=4)
     rel = abs(ours["perplexity"] - ref["perplexity"]) / ref["perplexity"]
-    print(f"\nleanlm ppl {ours['perplexity']:.8f}  transformers ppl {ref['perplexity']:.8f}  rel diff {rel:.1e}  "
-          f"bpb {ours['bits_per_byte']:.6f}  {ours['protocol']}")
+    print(
+        f"\nleanlm ppl {ours['perplexity']:.8f}  transformers ppl {ref['perplexity']:.8f}  rel diff {rel:.1e}  "
+        f"bpb {ours['bits_per_byte']:.6f}  {ours['protocol']}"
+    )
     assert ours["n_tokens_scored"] == ref["n_tokens_scored"] == 4 * 511
     assert ours["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-3)

@@ -60,8 +60,18 @@ def make_cfg(out: Path, data_dir: Path, model: dict | None = None, **run):
         "model": model or {"preset": "tiny"},
         "data": {"dir": str(data_dir)},
         "optim": {"lr": 3e-3, "warmup_steps": 2},
-        "run": {"out": str(out), "steps": 8, "batch_size": 4, "seq_len": 32, "eval_every": 4, "eval_batches": 2,
-                "save_every": 4, "log_every": 1, "progress": False, **run},
+        "run": {
+            "out": str(out),
+            "steps": 8,
+            "batch_size": 4,
+            "seq_len": 32,
+            "eval_every": 4,
+            "eval_batches": 2,
+            "save_every": 4,
+            "log_every": 1,
+            "progress": False,
+            **run,
+        },
     }
     return config_from_dict(raw)
 
@@ -152,13 +162,26 @@ def test_loss_decreases_and_outputs(tmp_path, corpus):
 
     out = tmp_path / "run"
     config = tmp_path / "cfg.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": {"preset": "tiny", "vocab_size": 512},
-        "data": {"inputs": [str(corpus)], "vocab_size": 300},
-        "optim": {"lr": "3e-3", "warmup_steps": 3},
-        "run": {"out": str(out), "steps": 30, "batch_size": 4, "seq_len": 32, "eval_every": 10, "eval_batches": 2,
-                "save_every": 0, "log_every": 5, "progress": False},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"preset": "tiny", "vocab_size": 512},
+                "data": {"inputs": [str(corpus)], "vocab_size": 300},
+                "optim": {"lr": "3e-3", "warmup_steps": 3},
+                "run": {
+                    "out": str(out),
+                    "steps": 30,
+                    "batch_size": 4,
+                    "seq_len": 32,
+                    "eval_every": 10,
+                    "eval_batches": 2,
+                    "save_every": 0,
+                    "log_every": 5,
+                    "progress": False,
+                },
+            }
+        )
+    )
     res = train(load_config(config))
     rows = metrics(out)
     assert [int(r["step"]) for r in rows] == [5, 10, 15, 20, 25, 30]
@@ -256,18 +279,41 @@ def test_finetune_from_checkpoint_via_cli(tmp_path, data_dir, corpus):
     tied = {"preset": "tiny", "tie_embeddings": True}
     res = train(make_cfg(pretrained, data_dir, model=tied, steps=20, eval_every=0, save_every=0, log_every=20))
     config = tmp_path / "ft.yaml"
-    config.write_text(yaml.safe_dump({
-        "data": {"inputs": [str(corpus)]},
-        "optim": {"lr": 1e-4, "warmup_steps": 0},
-        "run": {"steps": 2, "batch_size": 4, "seq_len": 32, "eval_batches": 2, "log_every": 1, "progress": False},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "data": {"inputs": [str(corpus)]},
+                "optim": {"lr": 1e-4, "warmup_steps": 0},
+                "run": {
+                    "steps": 2,
+                    "batch_size": 4,
+                    "seq_len": 32,
+                    "eval_batches": 2,
+                    "log_every": 1,
+                    "progress": False,
+                },
+            }
+        )
+    )
     ap = argparse.ArgumentParser()
     parser = add_train_parser(ap.add_subparsers(dest="verb"))
     for action in parser._actions:
         assert action.help, action.dest
     out = tmp_path / "ft"
-    args = ap.parse_args(["train", "--config", str(config), "--init", str(pretrained / "final"), "--out", str(out),
-                          "--set", "run.seed=1", "--json"])
+    args = ap.parse_args(
+        [
+            "train",
+            "--config",
+            str(config),
+            "--init",
+            str(pretrained / "final"),
+            "--out",
+            str(out),
+            "--set",
+            "run.seed=1",
+            "--json",
+        ]
+    )
     ft = args.fn(args)
     rows = metrics(out)
     # the data was tokenized with the init model's tokenizer and training starts from its weights, not from scratch
