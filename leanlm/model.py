@@ -16,7 +16,9 @@ Shapes: B batch, T new tokens, S keys attended (cache length), H query heads, K 
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -291,6 +293,26 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.lm_head(x)  # (B, T, vocab)
+
+
+@contextlib.contextmanager
+def decode_layout(model: nn.Module) -> Iterator[None]:
+    """Within the block, store every Linear weight (out, in) column-major: same values, shape and Parameter objects,
+    but `F.linear` then streams a contiguous (in, out) matrix (MKL's NN gemv). For batch-1 decode on a CPU this is
+    ~25% faster for the layer weights and 2x for a 49k-row lm head (docs/design.md); for training-size batches it is
+    slower, so the row-major layout is restored on exit. Tied weights stay tied (the data is swapped in place).
+    """
+    params = {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Linear) and m.weight.dim() == 2}
+    changed = [p for p in params.values() if p.is_contiguous()]
+    with torch.no_grad():
+        for p in changed:
+            p.data = p.data.t().contiguous().t()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p in changed:
+                p.data = p.data.contiguous()
 
 
 def dense_flops_per_token(cfg: ModelConfig, context: float, training: bool = False) -> float:

@@ -149,3 +149,18 @@ def test_smollm2_logits_match_transformers_gguf_load(smollm2):
     ids = torch.tensor([tok.encode("The capital of France is Paris. The capital of Germany is" * 8)])
     with torch.no_grad():
         assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_decode_layout_keeps_values_ties_and_restores():
+    from leanlm.model import decode_layout
+
+    model = Transformer(preset("tiny", tie_embeddings=True)).init_weights(seed=0).eval()
+    x = torch.randint(0, 512, (1, 12))
+    with torch.no_grad():
+        ref = model(x)
+        with decode_layout(model):
+            assert not model.layers[0].mlp.down_proj.weight.is_contiguous()
+            assert model.lm_head.weight is model.embed_tokens.weight
+            assert torch.allclose(model(x), ref, atol=1e-5)
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert torch.equal(model(x), ref)
