@@ -608,7 +608,7 @@ def train(cfg: TrainConfig) -> dict:
         )
         stack.callback(bar.close)
         start_step, train_seconds, val_loss = step, 0.0, None
-        interval_tokens, interval_seconds = 0, 0.0
+        interval_tokens, interval_seconds, interval_losses = 0, 0.0, []  # since the last metrics row
         model.train()
         while step < run.steps:
             t0 = time.perf_counter()
@@ -648,6 +648,7 @@ def train(cfg: TrainConfig) -> dict:
             train_seconds += dt
             interval_seconds += dt
             interval_tokens += tokens_per_step
+            interval_losses.append(loss_val)
 
             is_last = step == run.steps
             val_now = None
@@ -668,7 +669,7 @@ def train(cfg: TrainConfig) -> dict:
                     {
                         "step": step,
                         "tokens": tokens,
-                        "loss": loss_val,
+                        "loss": sum(interval_losses) / len(interval_losses),  # mean since the last row: less noise
                         "val_loss": val_now,
                         "lr": lr,
                         "grad_norm": norm_val,
@@ -676,7 +677,7 @@ def train(cfg: TrainConfig) -> dict:
                         "flops_per_token": flops_per_token,
                     }
                 )
-                interval_tokens, interval_seconds = 0, 0.0
+                interval_tokens, interval_seconds, interval_losses = 0, 0.0, []
                 bar.set_postfix_str(
                     f"loss {loss_val:.3f} lr {lr:.2e} {tps:,.0f} tok/s"
                     + (f" val {val_loss:.3f}" if val_loss is not None else ""),
