@@ -149,6 +149,9 @@ def _plots(out: Path, rows: list[dict], curves: dict[str, list[dict]]) -> list[s
     return made
 
 
+DEMO_FILES = {"data", "runs", "report.md", "loss_curves.png", "speed_memory.png"}  # what a demo directory holds
+
+
 def run_demo(out: str | Path = "demo", quick: bool = False, progress: bool = True) -> dict:
     """Run the whole demo into `out`; returns the report's table as a dict."""
     from leanlm.bench import bench_train_step
@@ -158,8 +161,17 @@ def run_demo(out: str | Path = "demo", quick: bool = False, progress: bool = Tru
     out = Path(out)
     size = SIZES["quick" if quick else "full"]
     runs = out / "runs"
-    if out.exists() and any(out.iterdir()) and not (out / "report.md").exists() and not runs.exists():
-        raise LeanLMError(f"{out}: exists and is not a demo directory (choose another --out)")
+    # hidden entries are temporaries of an interrupted earlier demo (atomic writes)
+    foreign = (
+        [p.name for p in out.iterdir() if p.name not in DEMO_FILES and not p.name.startswith(".")]
+        if out.is_dir()
+        else []
+    )
+    if foreign or (out.exists() and not out.is_dir()):
+        raise LeanLMError(
+            f"{out}: exists and holds files the demo did not write ({', '.join(foreign[:3]) or out.name});"
+            " choose another --out"
+        )
     if runs.exists():  # the demo's own scratch from an earlier run; the prepared data is kept and reused
         shutil.rmtree(runs)
     t0 = time.perf_counter()

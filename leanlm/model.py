@@ -305,13 +305,14 @@ def decode_layout(model: nn.Module) -> Iterator[None]:
     params = {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Linear) and m.weight.dim() == 2}
     # fp32 only: for bf16 the column-major path is ~10x slower on CPUs without native bf16 matmul (measured)
     changed = [p for p in params.values() if p.is_contiguous() and p.dtype == torch.float32]
-    with torch.no_grad():
+    # inference_mode(False): called from generate() under inference mode, whose tensors could never train again
+    with torch.inference_mode(False), torch.no_grad():
         for p in changed:
             p.data = p.data.t().contiguous().t()
     try:
         yield
     finally:
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():
             for p in changed:
                 p.data = p.data.contiguous()
 

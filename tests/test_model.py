@@ -164,3 +164,9 @@ def test_decode_layout_keeps_values_ties_and_restores():
             assert torch.allclose(model(x), ref, atol=1e-5)
     assert all(p.is_contiguous() for p in model.parameters())
     assert torch.equal(model(x), ref)
+    # after a generation (inference mode) the weights still train
+    from leanlm.generate import generate
+
+    generate(model, [[1, 2, 3]], max_new_tokens=3)
+    torch.nn.functional.cross_entropy(model(x)[0], x[0]).backward()
+    assert all(p.grad is not None for p in model.parameters())
