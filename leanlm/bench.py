@@ -305,7 +305,8 @@ def _check_args(
 ) -> None:
     unknown = [w for w in what if w not in WHATS]
     if unknown or not what:
-        raise LeanLMError(f"--what: expected some of {', '.join(WHATS)} (got {', '.join(what) or 'nothing'})")
+        got = repr(unknown[0]) if unknown else "(none)"
+        raise LeanLMError(f"--what: unknown benchmark {got} (choose from {','.join(WHATS)})")
     for name, value, least in (
         ("repeats", repeats, 1),
         ("warmup", warmup, 0),

@@ -134,9 +134,15 @@ def load_checkpoint(
         raise LeanLMError(f"{wfile}: corrupt weights ({e})") from None
     model = build_with_state(cfg, state, where=str(path), dtype=dtype)
     tok = Tokenizer.load(path) if (path / "tokenizer.json").is_file() else None
-    if tok is not None and tok.vocab_size > cfg.vocab_size:
-        raise LeanLMError(f"{path}: tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}")
+    if tok is not None:
+        check_tokenizer_fits(tok, cfg.vocab_size, where=f"{path}: ")
     return model, tok
+
+
+def check_tokenizer_fits(tok: Tokenizer, vocab_size: int, where: str = "") -> None:
+    """A tokenizer may have fewer tokens than the model's (padded) vocabulary, never more."""
+    if tok.vocab_size > vocab_size:
+        raise LeanLMError(f"{where}tokenizer has {tok.vocab_size} tokens but the model's vocabulary is {vocab_size}")
 
 
 def load_model(ref: str, dtype: str | None = None, seed: int = 0) -> tuple[Transformer, Tokenizer | None]:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from leanlm.config import ModelConfig
 from leanlm.errors import LeanLMError
-from leanlm.model import Transformer
+from leanlm.model import Transformer, torch_dtype
 from leanlm.tokenizer import Tokenizer
 
 # HF architectures whose math is the LLaMA baseline's (Qwen2 adds q/k/v biases, which the baseline supports)
@@ -227,18 +227,12 @@ def build_with_state(cfg: ModelConfig, state: dict[str, Tensor], where: str, dty
         if k in state:
             if tuple(state[k].shape) != tuple(v.shape):
                 raise LeanLMError(f"{where}: {k} has shape {tuple(state[k].shape)}, config says {tuple(v.shape)}")
-            target[k] = state[k].to(torch_dtype_of(dtype))
+            target[k] = state[k].to(torch_dtype(dtype))
     model.load_state_dict(target, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.rope.reset(device=torch.device("cpu"))
     return model.eval()
-
-
-def torch_dtype_of(name: str) -> torch.dtype:
-    from leanlm.model import torch_dtype
-
-    return torch_dtype(name)
 
 
 def export_hf(model: Transformer, tokenizer: Tokenizer | None, out: str | Path) -> Path:
