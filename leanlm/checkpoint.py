@@ -17,9 +17,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-
-from leanlm.config import PRESETS, PRETRAINED_PRESETS, ModelConfig, preset
+from leanlm.config import METHODS, PRESETS, PRETRAINED_PRESETS, ModelConfig, preset
 from leanlm.errors import LeanLMError
 from leanlm.model import Transformer, torch_dtype
 from leanlm.tokenizer import Tokenizer
@@ -68,8 +66,37 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         raise
 
 
-def model_arch(model: torch.nn.Module) -> str:
-    return getattr(model, "arch", "llama")
+def build_model(cfg: ModelConfig) -> Transformer:
+    """A fresh (uninitialised) model for `cfg`: the dense baseline, or the efficiency methods its config names.
+
+    The one place methods plug in; call `.init_weights(seed)` on the result, or load weights into it.
+    """
+    if cfg.subllm is not None:
+        from leanlm.subllm import SubLLM
+
+        model = SubLLM(cfg)
+    else:
+        model = Transformer(cfg)
+    return model
+
+
+def add_methods(model: Transformer, cfg: ModelConfig, seed: int = 0) -> Transformer:
+    """Turn a trained model into the architecture `cfg` describes: same backbone weights, the method's new modules
+    initialised as the method initialises them (e.g. a pretrained LLaMA uptrained into a SUBLLM with `run.init`)."""
+
+    def backbone(c: ModelConfig) -> ModelConfig:
+        return c.replace(dtype="float32", **{m: None for m in METHODS})
+
+    if backbone(model.cfg) != backbone(cfg):
+        raise LeanLMError(f"cannot convert into {cfg.arch}: the model's backbone differs from the configured one")
+    for m in METHODS:
+        if getattr(model.cfg, m, None) is not None and getattr(model.cfg, m) != getattr(cfg, m, None):
+            raise LeanLMError(f"the model already has {m}={getattr(model.cfg, m)!r}; cannot change or remove it")
+    new = build_model(cfg).init_weights(seed)
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    if unexpected:
+        raise LeanLMError(f"cannot convert {model.cfg.arch} into {cfg.arch}: unexpected weight {unexpected[0]!r}")
+    return new.to(next(model.parameters()).dtype)
 
 
 def save_checkpoint(
@@ -83,7 +110,7 @@ def save_checkpoint(
         if model.cfg.tie_embeddings:
             state.pop("lm_head.weight", None)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "leanlm": str(FORMAT_VERSION)})
-        meta = {"leanlm": FORMAT_VERSION, "arch": model_arch(model), "model": model.cfg.to_dict(), **(extra or {})}
+        meta = {"leanlm": FORMAT_VERSION, "arch": model.cfg.arch, "model": model.cfg.to_dict(), **(extra or {})}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)
@@ -111,9 +138,12 @@ def read_config(path: Path) -> dict:
 
 
 def load_checkpoint(
-    path: str | Path, dtype: str | None = None, expect_arch: str | None = "llama"
+    path: str | Path, dtype: str | None = None, expect_arch: str | None = None
 ) -> tuple[Transformer, Tokenizer | None]:
-    """Load a leanlm checkpoint directory. `expect_arch` guards against loading e.g. a SUBLLM as a dense model."""
+    """Load a leanlm checkpoint directory, as whatever architecture it holds (see `build_model`).
+
+    `expect_arch` (e.g. "llama") refuses any other architecture, e.g. a SUBLLM where a dense model is required.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -125,6 +155,8 @@ def load_checkpoint(
     if expect_arch is not None and arch != expect_arch:
         raise LeanLMError(f"{path}: a {arch!r} checkpoint cannot be loaded as {expect_arch!r}")
     cfg = ModelConfig.from_dict(meta["model"], where=f"{path}/config.json: model")
+    if cfg.arch != arch:
+        raise LeanLMError(f"{path}/config.json: says arch {arch!r} but its model section describes {cfg.arch!r}")
     wfile = path / "model.safetensors"
     if not wfile.is_file():
         raise LeanLMError(f"{path}: incomplete checkpoint (no model.safetensors)")

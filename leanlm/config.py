@@ -15,6 +15,7 @@ from typing import Any
 
 from leanlm.errors import LeanLMError
 
+METHODS = ("subllm",)  # ModelConfig fields that turn the baseline into an efficiency method
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_SCALING_TYPES = ("linear", "llama3")
 
@@ -37,6 +38,14 @@ def _type_ok(value: Any, hint: Any) -> bool:
     return isinstance(value, hint)
 
 
+def _dataclass_in(hint: Any) -> type | None:
+    """The dataclass in a hint like `SubLLMConfig | None`, if any."""
+    for h in typing.get_args(hint) or (hint,):
+        if dataclasses.is_dataclass(h):
+            return h
+    return None
+
+
 def build_dataclass(cls: type, data: dict, where: str) -> Any:
     """Build dataclass `cls` from a dict, naming the offending key on unknown keys or wrong types."""
     if not isinstance(data, dict):
@@ -48,11 +57,87 @@ def build_dataclass(cls: type, data: dict, where: str) -> Any:
         raise LeanLMError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(names)})")
     kwargs = {}
     for k, v in data.items():
+        sub = _dataclass_in(hints[k])
+        if sub is not None and isinstance(v, dict):  # a nested config section, e.g. model.subllm
+            kwargs[k] = build_dataclass(sub, v, f"{where}.{k}")
+            continue
         if not _type_ok(v, hints[k]):
             tname = getattr(hints[k], "__name__", str(hints[k]).replace("typing.", ""))
             raise LeanLMError(f"{where}.{k}: expected {tname}, got {type(v).__name__} {v!r}")
         kwargs[k] = float(v) if hints[k] is float else v
     return cls(**kwargs)
+
+
+STRUCTURE_CHARS = set("T()")
+
+
+@dataclass
+class SubLLMConfig:
+    """SUBLLM (arXiv 2406.06571): where tokens are subsampled and restored, and the balancer/bypass schedules.
+
+    `structure`: `T` = a decoder block, `(` = subsample (score, keep the top fraction), `)` = upsample + bypass.
+    The paper's 24-layer model is `TTTTT(TTTTT(TTTT)TTTTT)TTTTT`. Defaults are the official code's; the step counts
+    of the schedules are optimizer steps (docs/design.md).
+    """
+
+    structure: str = ""
+    keep: float = 0.64  # fraction of tokens each `(` keeps (training: exactly k = (T + 1/keep - 1) // (1/keep))
+    threshold: float = 0.0  # inference keeps a token iff its score > threshold (the paper's v)
+    balancer_band: float = 0.05  # the balancer pushes the fraction of positive scores into keep +- band
+    balancer_min_abs: float = 1.0  # ... and the mean |score| into [min_abs, max_abs]
+    balancer_max_abs: float = 4.0
+    balancer_grad_scale: float = 0.04
+    balancer_prob: list = field(default_factory=lambda: [1.0, 0.25])  # applied with this probability, linear ...
+    balancer_steps: int = 8000  # ... from the first to the second value over this many steps
+    bypass_init: float = 0.5  # per-channel bypass scale s: out = x + s * (upsampled - x)
+    bypass_min: list = field(default_factory=lambda: [0.9, 0.2])  # lower bound of s, linear over bypass_steps
+    bypass_steps: int = 20000
+    bypass_limit_prob: float = 0.6  # the bound is enforced (gradient sign flip) on this fraction of steps
+    scorer_lr_scale: float = 0.5  # the scorers learn at this multiple of the base learning rate
+
+    def check(self, n_layers: int) -> None:
+        def bad(name: str, why: str) -> LeanLMError:
+            return LeanLMError(f"model.subllm.{name}: {why} (got {getattr(self, name)!r})")
+
+        s = self.structure
+        if not s or set(s) - STRUCTURE_CHARS:
+            raise bad("structure", "must be a non-empty string of T, ( and )")
+        depth, own = 0, [0]  # own[d]: blocks directly inside the stage at depth d
+        for i, ch in enumerate(s):
+            if ch == "(":
+                depth += 1
+                own.append(0)
+            elif ch == ")":
+                if depth == 0:
+                    raise bad("structure", f"unbalanced ')' at character {i}")
+                if own.pop() == 0:
+                    raise bad("structure", f"empty stage ending at character {i} (a stage needs at least one T)")
+                depth -= 1
+            else:
+                own[-1] += 1
+        if depth:
+            raise bad("structure", f"{depth} unclosed '('")
+        if s.count("T") != n_layers:
+            raise bad("structure", f"has {s.count('T')} blocks but model.n_layers={n_layers}")
+        if not isinstance(self.keep, float) or not 0 < self.keep <= 1:
+            raise bad("keep", "must be in (0, 1]")
+        for name in ("balancer_prob", "bypass_min"):
+            v = getattr(self, name)
+            if len(v) != 2 or not all(isinstance(x, (int, float)) and 0 <= x <= 1 for x in v):
+                raise bad(name, "must be [start, end] with values in [0, 1]")
+        for name in ("balancer_steps", "bypass_steps"):
+            if getattr(self, name) < 1:
+                raise bad(name, "must be >= 1")
+        if not 0 < self.balancer_band < self.keep and self.keep < 1:
+            raise bad("balancer_band", f"must be in (0, keep={self.keep})")
+        if not 0 < self.balancer_min_abs < self.balancer_max_abs:
+            raise bad("balancer_min_abs", "must be positive and below balancer_max_abs")
+        if not 0 <= self.bypass_init <= 1:
+            raise bad("bypass_init", "must be in [0, 1]")
+        if not 0 <= self.bypass_limit_prob <= 1:
+            raise bad("bypass_limit_prob", "must be in [0, 1]")
+        if not self.scorer_lr_scale > 0:
+            raise bad("scorer_lr_scale", "must be positive")
 
 
 @dataclass
@@ -77,6 +162,8 @@ class ModelConfig:
     dtype: str = "float32"  # parameter dtype: float32 | bfloat16 | float16
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    # efficiency methods that change the architecture; None = the dense baseline (see leanlm.checkpoint.build_model)
+    subllm: SubLLMConfig | None = None
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -118,6 +205,14 @@ class ModelConfig:
             v = getattr(self, name)
             if v is not None and not (0 <= v < self.vocab_size):
                 raise bad(name, f"must be in [0, vocab_size={self.vocab_size})")
+        if self.subllm is not None:
+            self.subllm.check(self.n_layers)
+
+    @property
+    def arch(self) -> str:
+        """'llama' for the dense baseline, else the methods, e.g. 'subllm' or 'subllm+lte' (stored in checkpoints)."""
+        methods = [m for m in METHODS if getattr(self, m, None) is not None]
+        return "+".join(methods) or "llama"
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "model") -> ModelConfig:

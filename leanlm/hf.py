@@ -205,13 +205,15 @@ def load_hf_dir(path: str | Path, dtype: str | None = None) -> tuple[Transformer
 
 
 def build_with_state(cfg: ModelConfig, state: dict[str, Tensor], where: str, dtype: str | None = None) -> Transformer:
-    """Build the baseline on the meta device and assign `state` (no random init of weights we overwrite)."""
+    """Build the model `cfg` describes on the meta device and assign `state` (no random init of overwritten weights)."""
+    from leanlm.checkpoint import build_model
+
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
     dtype = dtype or cfg.dtype
     cfg = cfg.replace(dtype=dtype)
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = build_model(cfg)
     expected = set(model.state_dict())
     if cfg.tie_embeddings:
         expected.discard("lm_head.weight")

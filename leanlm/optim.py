@@ -111,13 +111,17 @@ def schedule_lr(step: int, cfg: OptimConfig, total_steps: int) -> float:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: >= 2-D parameters with `weight_decay`, the rest without (empty groups are left out)."""
-    decay, no_decay = [], []
+    """AdamW groups: >= 2-D parameters with `weight_decay`, the rest without. A parameter with an `lr_scale`
+    attribute (e.g. SUBLLM's scorers, 0.5) goes to a group whose `lr_scale` the training loop multiplies the
+    scheduled learning rate by."""
+    groups: dict[tuple[bool, float], list] = {}
     for p in model.parameters():  # parameters() yields a tied weight once
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+            groups.setdefault((p.dim() >= 2, getattr(p, "lr_scale", 1.0)), []).append(p)
+    return [
+        {"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
+        for (decay, scale), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1] != 1.0))
+    ]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:

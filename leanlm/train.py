@@ -48,7 +48,7 @@ import yaml
 from torch import Tensor, nn
 
 from leanlm import distributed
-from leanlm.config import PRESETS, ModelConfig, build_dataclass
+from leanlm.config import METHODS, PRESETS, ModelConfig, build_dataclass
 from leanlm.errors import LeanLMError
 from leanlm.optim import OptimConfig, build_optimizer, schedule_lr
 
@@ -120,6 +120,8 @@ class TrainConfig:
     data: DataConfig
     optim: OptimConfig
     run: RunConfig
+    # with run.init, a model section holding only method keys (e.g. `subllm`) adds those methods to the init model
+    add_methods: dict | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -183,7 +185,11 @@ def config_from_dict(raw: dict) -> TrainConfig:
             raise LeanLMError(f"{section}: expected a mapping, got {type(data).__name__}")
         _check_keys(section, data)
         if section == "model":
-            parts["model"] = _model_section(data) if data else None
+            init = (raw.get("run") or {}).get("init") if isinstance(raw.get("run"), dict) else None
+            if init and data and set(data) <= set(METHODS):  # uptraining: methods on top of the init model
+                parts["model"], parts["add_methods"] = None, dict(data)
+            else:
+                parts["model"] = _model_section(data) if data else None
         else:
             parts[section] = build_dataclass(cls, _numbers_from_strings(cls, data), section)
     if parts["model"] is None and not parts["run"].init:
@@ -233,10 +239,10 @@ def load_config(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Tra
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    """A fresh (uninitialised) model for `cfg`; call `.init_weights(seed)` on it. The one place methods plug in."""
-    from leanlm.model import Transformer
+    """A fresh (uninitialised) model for `cfg` (see leanlm.checkpoint.build_model)."""
+    from leanlm.checkpoint import build_model
 
-    return Transformer(cfg)
+    return build_model(cfg)
 
 
 def _load_weights(model: nn.Module, state: dict[str, Tensor], where: str) -> None:
@@ -363,8 +369,9 @@ class MetricsLog:
     once.
     """
 
-    def __init__(self, out: Path, start_step: int, enabled: bool):
+    def __init__(self, out: Path, start_step: int, enabled: bool, extra: list[str] | None = None):
         self.enabled = enabled
+        self.fields = [*METRICS, *(extra or [])]
         self.tb = None
         if not enabled:
             return
@@ -374,7 +381,7 @@ class MetricsLog:
             with open(path, newline="") as f:
                 kept = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= start_step]
         self.file = open(path, "w", newline="")  # closed in close()
-        self.writer = csv.DictWriter(self.file, METRICS, extrasaction="ignore")
+        self.writer = csv.DictWriter(self.file, self.fields, extrasaction="ignore")
         self.writer.writeheader()
         self.writer.writerows(kept)
         self.file.flush()
@@ -387,10 +394,10 @@ class MetricsLog:
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
-        self.writer.writerow({k: "" if row.get(k) is None else row[k] for k in METRICS})
+        self.writer.writerow({k: "" if row.get(k) is None else row[k] for k in self.fields})
         self.file.flush()
         if self.tb is not None:
-            for k in ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s"):
+            for k in ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", *self.fields[len(METRICS) :]):
                 if row.get(k) is not None:
                     self.tb.add_scalar(k, row[k], row["step"])
             self.tb.flush()
@@ -483,7 +490,7 @@ def train(cfg: TrainConfig) -> dict:
     """Train (or fine-tune, or resume) as `cfg` says; returns a summary. Runs under torchrun as well as alone."""
     from tqdm import tqdm
 
-    from leanlm.checkpoint import load_model, save_checkpoint
+    from leanlm.checkpoint import add_methods, load_model, save_checkpoint
     from leanlm.data import BatchIterator, TokenDataset, prepare
     from leanlm.tokenizer import Tokenizer
 
@@ -526,6 +533,10 @@ def train(cfg: TrainConfig) -> dict:
             weights = None
         elif run.init:
             model, init_tok = load_model(run.init, dtype="float32", seed=run.seed)
+            if cfg.add_methods:
+                added = ModelConfig.from_dict({**model.cfg.to_dict(), **cfg.add_methods}, where="model")
+                model = add_methods(model, added, seed=run.seed)
+                note(f"note: run.init={run.init}: converted into {added.arch} (new modules initialised)")
             model_cfg = model.cfg
             if cfg.model is not None and cfg.model != model_cfg:
                 note(f"note: run.init={run.init}: the model section is ignored, the architecture is the init model's")
@@ -588,7 +599,8 @@ def train(cfg: TrainConfig) -> dict:
 
         if d.is_main:
             (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        log = MetricsLog(out, step, enabled=d.is_main)
+        train_metrics = getattr(raw, "train_metrics", None)  # method diagnostics, e.g. SUBLLM's per-stage retention
+        log = MetricsLog(out, step, enabled=d.is_main, extra=list(train_metrics()) if train_metrics else [])
         stack.callback(log.close)
 
         # ---- loop ----------------------------------------------------------------------------------------------------
@@ -616,7 +628,7 @@ def train(cfg: TrainConfig) -> dict:
                 set_step(step)
             lr = schedule_lr(step, cfg.optim, run.steps)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             loss_sum = torch.zeros((), device=d.device)  # cross-entropy: the number comparable across methods
             objective_sum = torch.zeros((), device=d.device)  # what is minimised: cross-entropy + aux_loss
             for micro in range(run.grad_accum):
@@ -675,6 +687,7 @@ def train(cfg: TrainConfig) -> dict:
                         "grad_norm": norm_val,
                         "tokens_per_s": tps,
                         "flops_per_token": flops_per_token,
+                        **(train_metrics() if train_metrics else {}),
                     }
                 )
                 interval_tokens, interval_seconds, interval_losses = 0, 0.0, []

@@ -83,7 +83,7 @@ def test_checkpoint_errors(tmp_path, tiny_tokenizer):
         load_model(str(ck))
     meta = json.loads((ck / "config.json").read_text())
     (ck / "config.json").write_text(json.dumps({**meta, "arch": "subllm"}))
-    with pytest.raises(LeanLMError, match="'subllm' checkpoint cannot be loaded as 'llama'"):
+    with pytest.raises(LeanLMError, match="says arch 'subllm' but its model section describes 'llama'"):
         load_checkpoint(ck)
     (ck / "config.json").write_text("{not json")
     with pytest.raises(LeanLMError, match="not a checkpoint directory"):
