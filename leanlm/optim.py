@@ -26,6 +26,7 @@ from torch import nn
 from leanlm.errors import LeanLMError
 
 SCHEDULES = ("cosine", "wsd", "constant")
+LR_INDEXES = ("steps", "layer_tokens")
 
 
 @dataclass
@@ -41,6 +42,9 @@ class OptimConfig:
     warmup_steps: int = 100
     schedule: str = "cosine"  # cosine | wsd | constant
     decay_fraction: float = 0.2  # wsd: the fraction of all steps spent decaying at the end
+    # steps: the schedule indexes optimizer steps; layer_tokens: it indexes consumed layer-averaged tokens, counted in
+    # dense steps (random-LTD's LayerToken LR, see schedule_lr_layer_tokens); identical to `steps` for a dense run
+    lr_index: str = "steps"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -66,6 +70,8 @@ class OptimConfig:
             raise bad("warmup_steps", "must be >= 0")
         if self.schedule not in SCHEDULES:
             raise bad("schedule", f"must be one of {', '.join(SCHEDULES)}")
+        if self.lr_index not in LR_INDEXES:
+            raise bad("lr_index", f"must be one of {', '.join(LR_INDEXES)}")
 
 
 def lr_at(
@@ -108,6 +114,17 @@ def schedule_lr(step: int, cfg: OptimConfig, total_steps: int) -> float:
         min_lr_ratio=cfg.min_lr_ratio,
         decay_fraction=cfg.decay_fraction,
     )
+
+
+def schedule_lr_layer_tokens(consumed: float, total: float, tokens_per_step: int, cfg: OptimConfig) -> float:
+    """The LayerToken LR (random-LTD): the step schedule evaluated at `consumed / tokens_per_step` dense steps.
+
+    `consumed` and `total` are layer-averaged tokens (LayerTokens / n_layers) before this update and over the run;
+    `tokens_per_step` those of one full-length step. Warmup and decay thus follow compute, not updates: a random-LTD
+    step that runs half the middle layers' tokens advances the schedule by less than a step, and a dense run gets
+    exactly `schedule_lr(step, cfg, total_steps)`.
+    """
+    return schedule_lr(consumed / tokens_per_step, cfg, total / tokens_per_step)  # type: ignore[arg-type]
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -48,9 +48,10 @@ import yaml
 from torch import Tensor, nn
 
 from leanlm import distributed
-from leanlm.config import METHODS, PRESETS, ModelConfig, build_dataclass
+from leanlm.config import METHODS, PRESETS, ModelConfig, build_dataclass, merge_preset
 from leanlm.errors import LeanLMError
-from leanlm.optim import OptimConfig, build_optimizer, schedule_lr
+from leanlm.ltd import LTDConfig, RandomLTD, resolve_plan
+from leanlm.optim import OptimConfig, build_optimizer, schedule_lr, schedule_lr_layer_tokens
 
 TRAINER_STATE_VERSION = 1
 CKPT_RE = re.compile(r"^step-(\d{8})$")
@@ -100,6 +101,9 @@ class RunConfig:
     strategy: str = "auto"  # multi-process: auto (= ddp) | ddp | fsdp; ignored in a single process
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
     progress: bool = True  # progress bar on stderr
+    # stop once this many layer-averaged tokens (LayerTokens / n_layers; plain tokens for a dense model) are consumed,
+    # instead of after run.steps: equal-compute comparisons of random-LTD with dense (run.steps is then derived)
+    layer_token_budget: int | None = None
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every")
@@ -112,6 +116,8 @@ class RunConfig:
             raise LeanLMError(f"run.strategy: must be one of {allowed} (got {self.strategy!r})")
         if self.device not in distributed.DEVICES:
             raise LeanLMError(f"run.device: must be one of {', '.join(distributed.DEVICES)} (got {self.device!r})")
+        if self.layer_token_budget is not None and self.layer_token_budget < 1:
+            raise LeanLMError(f"run.layer_token_budget: must be >= 1 (got {self.layer_token_budget!r})")
 
 
 @dataclass
@@ -122,6 +128,7 @@ class TrainConfig:
     run: RunConfig
     # with run.init, a model section holding only method keys (e.g. `subllm`) adds those methods to the init model
     add_methods: dict | None = None
+    ltd: LTDConfig | None = None  # random-LTD (leanlm/ltd.py), a training option for any dense model
 
     def to_dict(self) -> dict:
         return {
@@ -129,10 +136,17 @@ class TrainConfig:
             "data": dataclasses.asdict(self.data),
             "optim": dataclasses.asdict(self.optim),
             "run": dataclasses.asdict(self.run),
+            **({"ltd": dataclasses.asdict(self.ltd)} if self.ltd is not None else {}),
         }
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "run": RunConfig}
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "run": RunConfig,
+    "ltd": LTDConfig,  # optional: absent = no random-LTD
+}
 
 
 def _keys(section: str) -> list[str]:
@@ -164,7 +178,7 @@ def _model_section(data: dict) -> ModelConfig:
     if name is not None:
         if name not in PRESETS:
             raise LeanLMError(f"model.preset: unknown preset {name!r} (known: {', '.join(PRESETS)})")
-        data = {**PRESETS[name], **data}
+        data = merge_preset(PRESETS[name], data)
     cfg = build_dataclass(ModelConfig, _numbers_from_strings(ModelConfig, data), "model")
     if cfg.dtype != "float32":
         raise LeanLMError(f"model.dtype: training keeps float32 weights (got {cfg.dtype!r}); use run.bf16 for autocast")
@@ -180,6 +194,8 @@ def config_from_dict(raw: dict) -> TrainConfig:
         raise LeanLMError(f"unknown section {unknown[0]!r} (allowed: {', '.join(SECTIONS)})")
     parts: dict[str, Any] = {}
     for section, cls in SECTIONS.items():
+        if section == "ltd" and raw.get(section) is None:
+            continue
         data = raw.get(section) or {}
         if not isinstance(data, dict):
             raise LeanLMError(f"{section}: expected a mapping, got {type(data).__name__}")
@@ -218,14 +234,22 @@ def apply_overrides(raw: dict, sets: list[str]) -> dict:
             raise LeanLMError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. run.steps=100")
         if section not in SECTIONS:
             raise LeanLMError(f"--set {key}: unknown section {section!r} (allowed: {', '.join(SECTIONS)})")
-        _check_keys(section, {name: None})
+        _check_keys(section, {name.split(".")[0]: None})
         try:
             parsed = yaml.safe_load(value)
         except yaml.YAMLError as e:
             raise LeanLMError(f"--set {key}: value is not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(raw.get(section), dict):
             raw[section] = {}
-        raw[section][name] = parsed
+        # a deeper key (model.subllm.keep=0.5) sets one key of a nested section
+        *parents, leaf = name.split(".")
+        target = raw[section]
+        for part in parents:
+            if not isinstance(target.get(part), dict):
+                target[part] = {}
+            target[part] = dict(target[part])
+            target = target[part]
+        target[leaf] = parsed
     return raw
 
 
@@ -545,7 +569,14 @@ def train(cfg: TrainConfig) -> dict:
             model = build_model(model_cfg).init_weights(run.seed)
         if run.seq_len > model_cfg.max_seq_len:
             raise LeanLMError(f"run.seq_len={run.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
-        cfg = dataclasses.replace(cfg, model=model_cfg)
+        # LayerTokens per step (random-LTD or dense alike) and the run's length; checked before any data is prepared
+        plan, total_steps = resolve_plan(
+            cfg.ltd, model_cfg, run.seq_len, run.batch_size * run.grad_accum, run.steps, run.layer_token_budget
+        )
+        if run.layer_token_budget is not None:
+            run = dataclasses.replace(run, steps=total_steps)
+            note(f"note: run.layer_token_budget={run.layer_token_budget}: {total_steps} optimizer steps")
+        cfg = dataclasses.replace(cfg, model=model_cfg, run=run)
 
         # ---- data: prepare on first use (rank 0), then every rank maps the same files --------------------------------
         data_dir = Path(cfg.data.dir) if cfg.data.dir else out / "data"
@@ -596,11 +627,16 @@ def train(cfg: TrainConfig) -> dict:
             step, tokens, last_loss = state["step"], state["tokens"], state["loss"]
             note(f"resuming from {ckpt_path} (step {step}, {tokens} tokens)")
             state = None
+        layer_tokens = plan.total_layer_tokens(step)  # LayerTokens consumed so far: a function of the step
 
         if d.is_main:
             (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         train_metrics = getattr(raw, "train_metrics", None)  # method diagnostics, e.g. SUBLLM's per-stage retention
-        log = MetricsLog(out, step, enabled=d.is_main, extra=list(train_metrics()) if train_metrics else [])
+        # random-LTD, the LayerToken LR or a LayerToken budget: log layer-averaged tokens and the kept length too
+        by_layer_tokens = cfg.ltd is not None or run.layer_token_budget is not None or cfg.optim.lr_index != "steps"
+        extra = ["layer_tokens", "ltd_r"] if by_layer_tokens else []
+        extra += list(train_metrics()) if train_metrics else []
+        log = MetricsLog(out, step, enabled=d.is_main, extra=extra)
         stack.callback(log.close)
 
         # ---- loop ----------------------------------------------------------------------------------------------------
@@ -608,6 +644,13 @@ def train(cfg: TrainConfig) -> dict:
         aux_loss = getattr(raw, "aux_loss", None)  # methods with an extra loss term (e.g. an efficiency penalty)
         flops_per_token = raw.flops_per_token(run.seq_len, training=True) if hasattr(raw, "flops_per_token") else None
         tokens_per_step = run.batch_size * run.seq_len * run.grad_accum
+        ltd = RandomLTD(raw, plan).attach() if plan.ltd is not None else None
+        if ltd is not None:
+            stack.callback(ltd.detach)
+        # the LayerToken LR spans the budget (Megatron-DeepSpeed's decay tokens), or else the whole run
+        budget = run.layer_token_budget
+        lt_total = budget * model_cfg.n_layers if budget is not None else plan.total_layer_tokens(run.steps)
+        flops_sum = 0.0  # executed FLOPs per token summed over this session's steps (random-LTD changes them per step)
         autocast = functools.partial(torch.autocast, d.device.type, dtype=torch.bfloat16, enabled=run.bf16)
         max_norm = cfg.optim.grad_clip or math.inf  # clip_grad_norm_ with inf only measures the norm
         bar = tqdm(
@@ -626,7 +669,14 @@ def train(cfg: TrainConfig) -> dict:
             t0 = time.perf_counter()
             if set_step is not None:
                 set_step(step)
-            lr = schedule_lr(step, cfg.optim, run.steps)
+            if ltd is not None:
+                ltd.set_step(step)
+                flops_per_token = ltd.flops_per_token()
+            if cfg.optim.lr_index == "layer_tokens":
+                L = model_cfg.n_layers
+                lr = schedule_lr_layer_tokens(layer_tokens / L, lt_total / L, tokens_per_step, cfg.optim)
+            else:
+                lr = schedule_lr(step, cfg.optim, run.steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             loss_sum = torch.zeros((), device=d.device)  # cross-entropy: the number comparable across methods
@@ -655,6 +705,8 @@ def train(cfg: TrainConfig) -> dict:
                 )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            layer_tokens += plan.layer_tokens(step)
+            flops_sum += flops_per_token or 0.0
             step, tokens, last_loss = step + 1, tokens + tokens_per_step, loss_val
             dt = time.perf_counter() - t0
             train_seconds += dt
@@ -664,7 +716,10 @@ def train(cfg: TrainConfig) -> dict:
 
             is_last = step == run.steps
             val_now = None
-            if is_last or (run.eval_every and step % run.eval_every == 0):
+            validate = is_last or (run.eval_every and step % run.eval_every == 0)
+            # the method's diagnostics of this training step, read before validation runs the model in eval mode
+            method_row = train_metrics() if train_metrics and (validate or step % run.log_every == 0) else {}
+            if validate:
                 # every rank scores the same windows: FSDP needs all ranks in every forward, and the result is final
                 val_now = val_loss = validation_loss(
                     distributed.unwrap(model),
@@ -687,7 +742,9 @@ def train(cfg: TrainConfig) -> dict:
                         "grad_norm": norm_val,
                         "tokens_per_s": tps,
                         "flops_per_token": flops_per_token,
-                        **(train_metrics() if train_metrics else {}),
+                        "layer_tokens": layer_tokens // model_cfg.n_layers,
+                        "ltd_r": plan.kept(step - 1),
+                        **method_row,
                     }
                 )
                 interval_tokens, interval_seconds, interval_losses = 0, 0.0, []
@@ -742,7 +799,9 @@ def train(cfg: TrainConfig) -> dict:
             "val_loss": val_loss,
             "tokens_per_s": (step - start_step) * tokens_per_step / train_seconds if train_seconds else None,
             "train_seconds": train_seconds,
-            "flops_per_token": flops_per_token,
+            # executed FLOPs per token; with random-LTD the mean over this session's steps
+            "flops_per_token": flops_sum / (step - start_step) if ltd and step > start_step else flops_per_token,
+            "layer_tokens": layer_tokens // model_cfg.n_layers,
             "params": sum(p.numel() for p in params),  # a DTensor's numel is that of the whole parameter
             "world_size": d.world_size,
             "strategy": strategy,

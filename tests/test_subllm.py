@@ -1,0 +1,262 @@
+"""SUBLLM: the structure string, selection rules, upsampling/bypass, positions, caches, balancer, training, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from leanlm.checkpoint import add_methods, build_model, load_checkpoint, load_model, save_checkpoint
+from leanlm.cli import main
+from leanlm.config import preset
+from leanlm.errors import LeanLMError
+from leanlm.generate import generate, pad_batch
+from leanlm.model import Transformer
+from leanlm.subllm import SubLLM, _Balance, balancer_bounds, kept_length, parse_structure
+
+
+def subllm(structure: str = "T(T(T)T)T", seed: int = 0, sharpen: float = 50.0, **over) -> SubLLM:
+    """A tiny SUBLLM whose scorers are scaled up so that the threshold drops a good share of the tokens."""
+    cfg = preset("tiny", n_layers=structure.count("T"), subllm={"structure": structure, **over})
+    model = build_model(cfg).init_weights(seed)
+    with torch.no_grad():
+        for st in model.stages:
+            st.scorer.weight.mul_(sharpen)
+    return model
+
+
+def test_structure_parsing_and_lengths():
+    assert parse_structure("T(T(T)T)T") == [
+        ("T", 0), ("(", 0), ("T", 1), ("(", 1), ("T", 2), (")", 1), ("T", 3), (")", 0), ("T", 4)
+    ]  # fmt: skip
+    # the paper's lengths (icefall's rule, df = 1/0.64): 2048 -> 1311 -> 839, 4096 -> 2621 -> 1677, 8192 -> 5243
+    assert [kept_length(n, 0.64) for n in (2048, 1311, 4096, 2621, 8192)] == [1311, 839, 2621, 1677, 5243]
+    m = build_model(preset("subllm-cpu-24l"))
+    assert m.depth_of_layer == [0] * 5 + [1] * 5 + [2] * 4 + [1] * 5 + [0] * 5
+    assert m.stage_lengths(4096) == [2621, 1677] and m.parent == [-1, 0]
+
+
+def test_without_parentheses_is_the_baseline_bit_for_bit():
+    cfg = preset("tiny", n_layers=3)
+    dense = Transformer(cfg).init_weights(0)
+    sub = build_model(cfg.replace(subllm=preset("tiny", n_layers=3, subllm={"structure": "TTT"}).subllm))
+    sub.init_weights(0)
+    x = torch.randint(0, 512, (2, 40))
+    for mode in (True, False):
+        dense.train(mode), sub.train(mode)
+        assert torch.equal(dense(x), sub(x))
+    assert sub.flops_per_token(40, training=True) == dense.flops_per_token(40, training=True)
+    # with stages the backbone is initialised exactly like the dense twin's (same seed)
+    staged = subllm("T(T)T", sharpen=1.0)
+    for k, v in Transformer(staged.cfg.replace(subllm=None)).init_weights(0).state_dict().items():
+        assert torch.equal(v, staged.state_dict()[k]), k
+
+
+def test_training_selection_upsampling_bypass_and_positions():
+    """One stage around one block, top-k: the output is x + b*w*(y - x) on kept tokens, exactly x on dropped ones,
+    where y is the block run on the kept tokens at their original RoPE positions; weights follow the paired rule."""
+    torch.manual_seed(0)
+    m = subllm("(T)", sharpen=20.0)
+    m.train()
+    x_ids = torch.randint(0, 512, (2, 30))
+    seen = {}
+    m.norm.register_forward_pre_hook(lambda mod, args: seen.setdefault("out", args[0]))
+    with torch.no_grad():
+        m(x_ids)
+        x = m.embed_tokens(x_ids)
+        s = m.stages[0].scorer(x).squeeze(-1)
+    k = kept_length(30, 0.64)
+    top = s.topk(k, dim=1).indices.sort(dim=1).values  # (B, k) kept, original order
+    out = seen["out"]
+    dropped = torch.ones(2, 30, dtype=torch.bool)
+    dropped.scatter_(1, top, False)
+    assert torch.equal(out[dropped], x[dropped])  # dropped tokens pass the segment unchanged
+    xg = x.gather(1, top.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    cos, sin = m.rope(top, x.dtype)  # original absolute positions
+    with torch.no_grad():
+        y = m.layers[0](xg, cos, sin)
+    got = out.gather(1, top.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    b = m.stages[0].bypass_scale
+    # w = clamp(kept) - clamp(paired discarded): recover it per token from the output and check the rule's range
+    w = ((got - xg) / (b * (y - xg))).median(dim=-1).values  # (B, k)
+    assert torch.allclose(got, xg + b * w.unsqueeze(-1) * (y - xg), atol=1e-5)
+    assert (w >= -1e-5).all() and (w <= 1 + 1e-5).all()
+    s_sorted = s.sort(dim=1, descending=True).values.clamp(0, 1)
+    disc = s_sorted[:, k:]
+    disc = torch.cat((disc, disc.new_zeros(2, 2 * k - 30)), dim=1)
+    kept_desc = s_sorted[:, :k]
+    w_desc = w.gather(1, s.gather(1, top).argsort(dim=1, descending=True))
+    assert torch.allclose(w_desc, kept_desc - disc, atol=1e-4) or torch.allclose(
+        w_desc, kept_desc - disc.flip(1), atol=1e-4
+    )
+
+
+def test_threshold_selection_is_causal():
+    m = subllm().eval()
+    x = torch.randint(0, 512, (2, 48))
+    with torch.no_grad():
+        a = m(x)
+        for j in (5, 20, 47):
+            x2 = x.clone()
+            x2[:, j] = (x2[:, j] + 7) % 512
+            b = m(x2)
+            assert (a[:, :j] - b[:, :j]).abs().max() <= 1e-5
+    kept = m.retention()
+    assert 0.1 < kept[0] < 0.9 and 0.05 < kept[1] < 0.95  # the test drops tokens at both stages
+
+
+@pytest.mark.parametrize("lengths", [(37,), (9, 31, 20)])
+def test_cached_decode_equals_full_forward(lengths):
+    torch.manual_seed(1)
+    m = subllm().eval()
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in lengths]
+    new = [torch.randint(0, 512, (12,)).tolist() for _ in lengths]
+    B, P, total = len(lengths), max(lengths), max(lengths) + 12
+    batch = pad_batch(prompts, total)
+    with torch.no_grad():
+        m.setup_caches(B, total)
+        steps = [m(batch.idx, pos=batch.pos[:, :P], start=0, mask=batch.prefill_mask)[:, -1]]
+        for i in range(11):
+            s = P + i
+            tok = torch.tensor([n[i] for n in new]).unsqueeze(1)
+            mask = batch.key_ok[..., : s + 1] if batch.key_ok is not None else None
+            steps.append(m(tok, pos=batch.pos[:, s : s + 1], start=s, mask=mask)[:, -1])
+        m.reset_caches()
+        m.reset_retention()
+        for r, (p, n) in enumerate(zip(prompts, new)):
+            full = m(torch.tensor([p + n]))[0, len(p) - 1 : len(p) + 11]
+            got = torch.stack([st[r] for st in steps])
+            assert (full - got).abs().max() <= 1e-4
+    assert 0.1 < m.retention()[0] < 0.9
+
+
+def test_batched_generation_is_exact_per_row():
+    m = subllm().eval()
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (6, 23, 14)]
+    together = generate(m, prompts, 10).tokens
+    assert together == [generate(m, [p], 10).tokens[0] for p in prompts]
+    # each subsampled layer cached only its own tokens: stage caches hold fewer rows' tokens than the full layers
+    assert m.caches is None
+
+
+def test_scorer_and_bypass_receive_gradients():
+    m = subllm("T(T(T)T)T", sharpen=5.0).train()
+    x = torch.randint(0, 512, (2, 40))
+    F.cross_entropy(m(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_balancer_moves_scores_into_its_band():
+    """Scores that are all positive (mis-calibrated): with only the balancer's gradient, the positive fraction and
+    the RMS move into [keep - band, keep + band] and [1.2533 min_abs, 1.2533 max_abs]."""
+    torch.manual_seed(0)
+    sub = preset("tiny", n_layers=1, subllm={"structure": "(T)"}).subllm
+    m_min, m_max, r_min, r_max = balancer_bounds(sub)
+    feats = torch.randn(4096, 8) + 3.0  # features with a large mean: a random scorer gives one-signed scores
+    w = torch.nn.Parameter(torch.full((8,), 0.05))
+    opt = torch.optim.Adam([w], lr=0.01)
+    for _ in range(600):
+        s = _Balance.apply(feats @ w, (m_min, m_max, r_min, r_max), sub.balancer_grad_scale)
+        # a task gradient of unit magnitude everywhere (the balancer scales its push by |g|), zero on average
+        (s * (torch.randint(0, 2, s.shape) * 2 - 1).float()).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    s = (feats @ w).detach()
+    frac = (s > 0).float().mean().item()
+    assert sub.keep - sub.balancer_band - 0.02 <= frac <= sub.keep + sub.balancer_band + 0.02
+    assert r_min * 0.95 <= s.square().mean().sqrt().item() <= r_max * 1.05
+
+
+def test_training_runs_through_the_trainer_and_feeds_the_step(tmp_path, tiny_tokenizer, monkeypatch):
+    from leanlm.data import prepare
+    from leanlm.train import config_from_dict, train
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(("def f(x):\n    return x + 1\n\n" * 200 + "The fox jumps. " * 300) * 2)
+    prepare([str(corpus)], tmp_path / "data", tokenizer=None, vocab_size=300, progress=False)
+    steps = []
+    monkeypatch.setattr(SubLLM, "set_step", lambda self, step: (steps.append(step), SubLLM.__dict__)[0])
+    raw = {
+        "model": {"preset": "tiny", "vocab_size": 300, "n_layers": 3, "subllm": {"structure": "T(T)T"}},
+        "data": {"dir": str(tmp_path / "data")},
+        "run": {"out": str(tmp_path / "run"), "steps": 4, "batch_size": 2, "seq_len": 32, "eval_every": 2,
+                "eval_batches": 1, "save_every": 0, "log_every": 1, "progress": False},
+    }  # fmt: skip
+    res = train(config_from_dict(raw))
+    assert steps == [0, 1, 2, 3]
+    header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0]
+    assert "s1_pos_frac" in header and "s1_bypass_min" in header
+    model, _ = load_model(res["checkpoint"])
+    assert isinstance(model, SubLLM) and json.loads((tmp_path / "run/final/config.json").read_text())["arch"] == "subllm"
+    assert res["flops_per_token"] < Transformer(model.cfg.replace(subllm=None)).flops_per_token(32, training=True)
+
+
+def test_checkpoint_round_trip_and_arch_guards(tmp_path, tiny_tokenizer):
+    m = subllm().eval()
+    ck = save_checkpoint(m, None, tmp_path / "sub")
+    loaded, _ = load_model(str(ck))
+    x = torch.randint(0, 512, (1, 30))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), m(x))
+    with pytest.raises(LeanLMError, match="'subllm' checkpoint cannot be loaded as 'llama'"):
+        load_checkpoint(ck, expect_arch="llama")
+    from leanlm.hf import export_hf
+
+    with pytest.raises(LeanLMError, match="only the dense baseline exports"):
+        export_hf(loaded, None, tmp_path / "hf")
+    dense = save_checkpoint(Transformer(preset("tiny", n_layers=5)).init_weights(0), None, tmp_path / "dense")
+    with pytest.raises(LeanLMError, match="'llama' checkpoint cannot be loaded as 'subllm'"):
+        load_checkpoint(dense, expect_arch="subllm")
+    meta = json.loads((ck / "config.json").read_text())
+    meta["model"]["subllm"] = None  # weights of a SUBLLM under a dense config
+    (ck / "config.json").write_text(json.dumps({**meta, "arch": "llama"}))
+    with pytest.raises(LeanLMError, match="unexpected 'stages.0"):
+        load_model(str(ck))
+
+
+def test_uptraining_keeps_the_backbone():
+    dense = Transformer(preset("tiny", n_layers=5)).init_weights(3)
+    cfg = preset("tiny", n_layers=5, subllm={"structure": "T(T(T)T)T"})
+    sub = add_methods(dense, cfg, seed=0)
+    assert isinstance(sub, SubLLM)
+    for k, v in dense.state_dict().items():
+        assert torch.equal(v, sub.state_dict()[k])
+    assert (sub.stages[0].bypass_scale == 0.5).all()
+    with pytest.raises(LeanLMError, match="backbone differs"):
+        add_methods(dense, preset("tiny", n_layers=5, dim=32, subllm={"structure": "T(T(T)T)T"}))
+
+
+@pytest.mark.parametrize(
+    ("structure", "message"),
+    [
+        ("T(T(T)T", "1 unclosed '('"),
+        ("T)T(T)TT", "unbalanced ')'"),
+        ("T()TTT", "empty stage"),
+        ("((TTT))", "empty stage"),
+        ("T(T)T", "has 3 blocks but model.n_layers=5"),
+        ("T(x)TTT", "string of T, ( and )"),
+    ],
+)
+def test_malformed_structures(structure, message):
+    with pytest.raises(LeanLMError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        preset("tiny", n_layers=5, subllm={"structure": structure})
+
+
+@pytest.mark.parametrize("keep", [0.0, 1.5, -0.2])
+def test_keep_ratio_outside_unit_interval(keep):
+    with pytest.raises(LeanLMError, match="model.subllm.keep: must be in"):
+        preset("tiny", n_layers=3, subllm={"structure": "T(T)T", "keep": keep})
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {preset: subllm-cpu-24l}\ndata: {inputs: [stdlib]}\n")
+    rc = main(["train", "--config", str(cfg), "--set", "model.subllm.structure=TT(TT", "--json"])
+    out = capsys.readouterr()
+    assert rc == 2 and "model.subllm.structure" in json.loads(out.out.strip().splitlines()[-1])["error"]
+    assert out.err.count("\n") == 1 and "Traceback" not in out.err
+    rc = main(["train", "--config", str(cfg), "--set", "model.subllm.keep=2", "--json"])
+    assert rc == 2 and "model.subllm.keep" in capsys.readouterr().err
