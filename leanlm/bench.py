@@ -148,10 +148,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+TEXT_TOKENS: Tensor | None = None  # set by run_bench(text=...): real text instead of random ids
+
+
 def random_tokens(model: nn.Module, batch: int, length: int) -> Tensor:
-    """(batch, length) token ids, the same for every model with the same vocabulary (fixed seed)."""
+    """(batch, length) token ids, the same for every model with the same vocabulary: consecutive windows of the
+    text given to run_bench, else random ids from a fixed seed. (Methods that decide per token what to skip, such
+    as SUBLLM's scorers, behave differently on random ids than on text.)"""
+    if TEXT_TOKENS is not None:
+        need = batch * length
+        reps = -(-need // TEXT_TOKENS.numel())
+        return TEXT_TOKENS.repeat(reps)[:need].view(batch, length).to(_device(model))
     gen = torch.Generator().manual_seed(SEED)
     return torch.randint(0, _vocab_size(model), (batch, length), generator=gen).to(_device(model))
+
+
+def load_text_tokens(path: str, vocab_size: int) -> Tensor:
+    """The validation tokens of a prepared data directory (`leanlm prepare`), checked against the vocabulary."""
+    from leanlm.data import TokenDataset
+
+    data = TokenDataset(path, "val")
+    if data.vocab_size > vocab_size:
+        raise LeanLMError(f"--text {path}: uses {data.vocab_size} token ids but the model has {vocab_size}")
+    return torch.from_numpy(data.tokens[: 1 << 20].astype("int64"))
 
 
 class TrainStep:
@@ -347,10 +366,18 @@ def _machine(device: torch.device) -> dict:
     return info
 
 
-def _flops(model: nn.Module, what: Sequence[str], seq_len: int, prompt_len: int, new_tokens: int) -> dict:
-    # per token of a causal pass over L tokens; for decode, L = prompt + new tokens (the context the steps end with)
+def _flops(
+    model: nn.Module, what: Sequence[str], seq_len: int, prompt_len: int, new_tokens: int, retention: dict | None = None
+) -> dict:
+    # per token of a causal pass over L tokens; for decode, L = prompt + new tokens (the context the steps end with).
+    # A model that drops tokens at inference (SUBLLM) is costed at the retention it achieved in the measurement.
     lengths = {"train": seq_len, "prefill": prompt_len, "decode": prompt_len + new_tokens}
-    return {w: model.flops_per_token(lengths[w], training=w == "train") for w in WHATS if w in what}
+    out = {}
+    for w in (w for w in WHATS if w in what):
+        kept = (retention or {}).get(w)
+        extra = {"retention": kept} if kept is not None else {}
+        out[w] = model.flops_per_token(lengths[w], training=w == "train", **extra)
+    return out
 
 
 def run_bench(
@@ -366,14 +393,18 @@ def run_bench(
     dtype: str = "float32",
     threads: int | None = None,
     device: str | None = None,
+    text: str | None = None,
 ) -> dict:
     """Benchmark model reference `model` (A), alone or against `vs` (B: a model reference, or "hf").
 
     Arguments mirror the `leanlm bench` flags (`batch` is --batch-size); `device` defaults to CUDA when available.
     Returns a JSON-able dict: date, machine, settings, variants (ref, params, flops_per_token per measurement) and,
     per measurement in `what`, each variant's tokens/s summary (median, min, max, samples) and peak extra memory
-    (max over repeats), plus `ratio`: A tokens/s / B tokens/s per repeat (> 1 means A, the --model, is faster).
+    (max over repeats), plus `ratio`: A tokens/s / B tokens/s per repeat (> 1 means A, the --model, is faster), and
+    `flop_ratio`: B's executed FLOPs per token / A's, the speed-up that the skipped work alone would give.
+    `text`: a prepared data directory whose validation tokens replace the random ids.
     """
+    global TEXT_TOKENS
     from leanlm.checkpoint import load_model
 
     if dtype not in DTYPES:
@@ -387,6 +418,7 @@ def run_bench(
 
     _check_args(what, seq_len, batch, prompt_len, new_tokens, repeats, warmup)
     model_a = load_model(model, dtype=dtype)[0].to(dev)
+    TEXT_TOKENS = load_text_tokens(text, model_a.cfg.vocab_size) if text else None
     _check_context(model_a, model, what, seq_len, prompt_len, new_tokens)
     flops_a = _flops(model_a, what, seq_len, prompt_len, new_tokens)
     variants = {"A": {"ref": model, "params": model_a.num_params(), "flops_per_token": flops_a}}
@@ -412,8 +444,14 @@ def run_bench(
         }
 
     results = {}
+    retention: dict[str, dict[str, list[float]]] = {k: {} for k in models}  # per variant and measurement
     # training changes the weights: the inference measurements go first and see the model as loaded
     for w in [w for w in ("prefill", "decode", "train") if w in what]:
+        for m in models.values():
+            if hasattr(m, "reset_retention"):
+                m.reset_retention()
+            if hasattr(m, "lte_reset_stats"):
+                m.lte_reset_stats()
         if w == "train":
             runners = {k: TrainStep(m, batch, seq_len) for k, m in models.items()}
         elif w == "prefill":
@@ -437,11 +475,23 @@ def run_bench(
                 if isinstance(run, TrainStep):
                     run.close()
         entry = {"unit": "tokens/s", "definition": DEFINITIONS[w]}
-        for k in runners:
+        for k, m in models.items():
             entry[k] = {**_summary(tps[k]), "peak_mem_bytes": max(mem[k]) if mem[k] else None}
+            if w != "train" and hasattr(m, "retention"):  # kept fraction per stage, over every call measured
+                entry[k]["retention"] = retention[k][w] = m.retention()
+            if w != "train" and hasattr(m, "lte_report"):  # LTE: the FFN sparsity its routers chose here
+                entry[k]["lte"] = m.lte_report()
         if "B" in runners:
             entry["ratio"] = _summary([a / b for a, b in zip(tps["A"], tps["B"])])
         results[w] = entry
+    TEXT_TOKENS = None
+    for k, m in models.items():  # executed FLOPs at the retention each variant achieved
+        if retention[k]:
+            variants[k]["flops_per_token"] = _flops(m, what, seq_len, prompt_len, new_tokens, retention[k])
+    if "B" in models:
+        for w, entry in results.items():
+            entry["flop_ratio"] = variants["B"]["flops_per_token"][w] / variants["A"]["flops_per_token"][w]
+            entry["ratio_over_flop_ratio"] = entry["ratio"]["median"] / entry["flop_ratio"]
 
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -456,6 +506,7 @@ def run_bench(
             "dtype": dtype,
             "seed": SEED,
             "order": "A then B on even repeats, B then A on odd ones",
+            "tokens": f"validation tokens of {text}" if text else f"random ids (seed {SEED})",
         },
         "variants": variants,
         "ratio_definition": "A/B = A tokens/s / B tokens/s within the same repeat (> 1: A, the --model, is faster)",
@@ -493,21 +544,36 @@ def format_table(result: dict) -> str:
     has_b = "B" in variants
     header = ["what", "A tokens/s median [min, max]"]
     if has_b:
-        header += ["B tokens/s median [min, max]", "A/B median [min, max]"]
+        header += ["B tokens/s median [min, max]", "A/B median [min, max]", "FLOP B/A"]
     header.append("peak mem A" + (" / B" if has_b else ""))
     rows = [header]
     for w, r in result["results"].items():
         row = [w, _spread(r["A"], _rate)]
         if has_b:
-            row += [_spread(r["B"], _rate), _spread(r["ratio"], lambda x: f"{x:.3f}")]
+            row += [_spread(r["B"], _rate), _spread(r["ratio"], lambda x: f"{x:.3f}"), f"{r['flop_ratio']:.3f}"]
         row.append(" / ".join(_mib(r[k]["peak_mem_bytes"]) for k in variants))
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines.append("")
     lines += ["  ".join(c.ljust(wd) for c, wd in zip(row, widths)).rstrip() for row in rows]
     notes = [f"settings: seq_len {s['seq_len']} (train), prompt_len {s['prompt_len']}, new_tokens {s['new_tokens']}"]
+    for w, r in result["results"].items():
+        for k in variants:
+            if "retention" in r[k]:
+                kept = ", ".join(f"{x:.3f}" for x in r[k]["retention"])
+                notes.append(f"{w} {k}: tokens kept per stage at inference: {kept}")
+            if "lte" in r[k]:
+                notes.append(
+                    f"{w} {k}: LTE FFN sparsity {r[k]['lte']['ffn_sparsity']:.3f} (routers included: "
+                    f"FFN cost {r[k]['lte']['ffn_cost']:.3f} of dense)"
+                )
     if has_b:
-        notes += [f"order: {s['order']}", result["ratio_definition"]]
+        notes += [
+            f"order: {s['order']}",
+            result["ratio_definition"],
+            "FLOP B/A: executed FLOPs per token of B / of A, the speed-up the skipped work alone would give",
+        ]
+    notes.append(f"tokens: {s['tokens']}")
     notes += [f"{w}: {result['results'][w]['definition']}" for w in result["results"]]
     notes.append(
         "peak mem: extra memory of one measured call above what was in use before it, max over repeats "

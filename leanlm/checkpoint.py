@@ -77,6 +77,10 @@ def build_model(cfg: ModelConfig) -> Transformer:
         model = SubLLM(cfg)
     else:
         model = Transformer(cfg)
+    if cfg.lte is not None:  # composes with any model whose `layers` are baseline Blocks
+        from leanlm.lte import apply_lte
+
+        model = apply_lte(model, cfg)
     return model
 
 
@@ -91,9 +95,18 @@ def add_methods(model: Transformer, cfg: ModelConfig, seed: int = 0) -> Transfor
         raise LeanLMError(f"cannot convert into {cfg.arch}: the model's backbone differs from the configured one")
     for m in METHODS:
         if getattr(model.cfg, m, None) is not None and getattr(model.cfg, m) != getattr(cfg, m, None):
+            if m == "lte" and cfg.lte is not None:  # LTE stage 1 -> 2: checked by lte_state_dict
+                continue
             raise LeanLMError(f"the model already has {m}={getattr(model.cfg, m)!r}; cannot change or remove it")
+    state = model.state_dict()
+    if cfg.lte is not None:
+        from leanlm.lte import init_routers, lte_state_dict
+
+        state = lte_state_dict(model, cfg, seed)  # dense: expert grouping + permutation; LTE: the stage change
     new = build_model(cfg).init_weights(seed)
-    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    missing, unexpected = new.load_state_dict(state, strict=False)
+    if cfg.lte is not None and model.cfg.lte is None:  # new routers (may be initialised from the grouped weights)
+        init_routers(new, seed)
     if unexpected:
         raise LeanLMError(f"cannot convert {model.cfg.arch} into {cfg.arch}: unexpected weight {unexpected[0]!r}")
     return new.to(next(model.parameters()).dtype)

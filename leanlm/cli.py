@@ -132,12 +132,19 @@ def cmd_eval(args) -> dict:
         progress=not args.json,
     )
     res = {"model": args.model, "data": args.data, **res}
+    if hasattr(model, "lte_report"):  # LTE: the FFN sparsity its routers chose on this text
+        res["lte"] = model.lte_report()
     if not args.json:
         print(f"protocol: {res['protocol']}")
         print(
             f"perplexity {res['perplexity']:.4f} | bits/byte {res['bits_per_byte']:.4f} | "
             f"{res['n_tokens_scored']} tokens in {res['n_windows']} windows"
         )
+        if "lte" in res:
+            print(
+                f"LTE FFN sparsity {res['lte']['ffn_sparsity']:.4f} | FFN cost incl. routers "
+                f"{res['lte']['ffn_cost']:.4f}"
+            )
     return res
 
 
@@ -157,6 +164,7 @@ def cmd_bench(args) -> dict:
         warmup=args.warmup,
         dtype=args.dtype or "float32",
         threads=args.threads,
+        text=args.text,
     )
     if not args.json:
         print(format_table(res))
@@ -299,6 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="measured rounds per variant (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument(
+        "--text",
+        default=None,
+        metavar="DATA_DIR",
+        help="use the validation tokens of a prepared data directory "
+        "instead of random ids (matters for methods that choose per token what to skip, e.g. SUBLLM)",
+    )
     _json_arg(p)
     p.set_defaults(fn=cmd_bench)
 

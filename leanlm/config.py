@@ -15,7 +15,7 @@ from typing import Any
 
 from leanlm.errors import LeanLMError
 
-METHODS = ("subllm",)  # ModelConfig fields that turn the baseline into an efficiency method
+METHODS = ("subllm", "lte")  # ModelConfig fields that turn the baseline into an efficiency method
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_SCALING_TYPES = ("linear", "llama3")
 
@@ -141,6 +141,53 @@ class SubLLMConfig:
 
 
 @dataclass
+class LTEConfig:
+    """LTE (arXiv 2402.06126): FFN neurons grouped into experts, a sigmoid router per FFN, two training stages.
+
+    Stage 1 trains everything with soft routing and L_task + eta * L_eff + lambda_sep * L_sep; stage 2 freezes the
+    routers and fine-tunes with hard routing (expert on iff score > 0.5). Inference always routes hard. Choices the
+    paper leaves open (router init, the epsilon in L_sep, the router's input) are explained in docs/design.md.
+    """
+
+    expert_size: int = 32  # neurons per expert; must divide model.ffn_dim
+    stage: int = 1  # 1: soft routing + efficiency/separability losses; 2: frozen routers, hard routing, task loss
+    eta: float = 0.0  # weight of the efficiency loss: the one sparsity knob (the paper sweeps 0..2)
+    lambda_sep: float = 0.5  # weight of the separability loss (0.5 in every paper run)
+    sep_eps: float = 0.01  # L_sep = mean 1 / ((G - 0.5)^2 + sep_eps): bounded where the paper's 1/(G-0.5)^2 is not
+    eff_squared: bool = True  # L_eff = mean G^2 (the paper's formula); False: mean G (the paper's text)
+    router_init: str = "random"  # random: weights ~ N(0, router_init_std); centroid: each expert's mean gate row
+    router_init_bias: float = 0.0  # initial router logit offset; 0 = scores start at 0.5
+    router_init_std: float = 0.02  # random: the weights' std; centroid: the norm of each router row
+    router_lr_scale: float = 1.0  # the routers learn at this multiple of the base learning rate
+    kmeans_iters: int = 20  # balanced k-means iterations when grouping a dense model
+
+    def check(self, ffn_dim: int) -> None:
+        def bad(name: str, why: str) -> LeanLMError:
+            return LeanLMError(f"model.lte.{name}: {why} (got {getattr(self, name)!r})")
+
+        if not isinstance(self.expert_size, int) or self.expert_size < 1:
+            raise bad("expert_size", "must be a positive integer")
+        if ffn_dim % self.expert_size:
+            raise bad("expert_size", f"must divide model.ffn_dim={ffn_dim} (experts are equal-sized; no padding)")
+        if self.stage not in (1, 2):
+            raise bad("stage", "must be 1 (soft routing, router training) or 2 (frozen routers, hard routing)")
+        if not self.eta >= 0:
+            raise bad("eta", "must be >= 0")
+        if not self.lambda_sep >= 0:
+            raise bad("lambda_sep", "must be >= 0")
+        if not self.sep_eps > 0:
+            raise bad("sep_eps", "must be positive")
+        if self.router_init not in ("random", "centroid"):
+            raise bad("router_init", "must be random or centroid")
+        if not self.router_init_std >= 0:
+            raise bad("router_init_std", "must be >= 0")
+        if not self.router_lr_scale > 0:
+            raise bad("router_lr_scale", "must be positive")
+        if self.kmeans_iters < 1:
+            raise bad("kmeans_iters", "must be >= 1")
+
+
+@dataclass
 class ModelConfig:
     """A LLaMA-family decoder: pre-norm blocks of grouped-query attention + SwiGLU, RoPE, RMSNorm."""
 
@@ -164,6 +211,7 @@ class ModelConfig:
     eos_token_id: int | None = None
     # efficiency methods that change the architecture; None = the dense baseline (see leanlm.checkpoint.build_model)
     subllm: SubLLMConfig | None = None
+    lte: LTEConfig | None = None
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -207,6 +255,8 @@ class ModelConfig:
                 raise bad(name, f"must be in [0, vocab_size={self.vocab_size})")
         if self.subllm is not None:
             self.subllm.check(self.n_layers)
+        if self.lte is not None:
+            self.lte.check(self.ffn_dim)
 
     @property
     def arch(self) -> str:
@@ -299,4 +349,13 @@ def merge_preset(base: dict, overrides: dict) -> dict:
     return out
 
 
-__all__ = ["ModelConfig", "SubLLMConfig", "merge_preset", "PRESETS", "PRETRAINED_PRESETS", "preset", "build_dataclass", "field"]
+__all__ = [
+    "ModelConfig",
+    "SubLLMConfig",
+    "merge_preset",
+    "PRESETS",
+    "PRETRAINED_PRESETS",
+    "preset",
+    "build_dataclass",
+    "field",
+]

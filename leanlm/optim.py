@@ -12,7 +12,9 @@ Schedules map the 0-based index of an optimizer update to its learning rate:
     constant    then lr
 
 with lr_min = lr * min_lr_ratio. Like nanoGPT's, the decaying schedules reach lr_min at step == total, one step after
-the last update, so the last update still moves the weights when min_lr_ratio is 0.
+the last update, so the last update still moves the weights when min_lr_ratio is 0. `lr_index: layer_tokens`
+evaluates the same schedule at the consumed layer-averaged tokens counted in dense steps (random-LTD's LayerToken LR,
+`schedule_lr_layer_tokens`).
 """
 
 from __future__ import annotations

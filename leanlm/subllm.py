@@ -189,7 +189,8 @@ class SubLLM(Transformer):
         self.step = 0
         self._bounds = balancer_bounds(self.sub)
         self._stats: list[dict[str, Tensor]] = [{} for _ in range(n_stages)]
-        self.retention_counts = torch.zeros(n_stages, 2, dtype=torch.float64)  # (kept, seen) since reset_retention
+        # (kept, seen) since reset_retention; host-side bookkeeping, never on the meta/accelerator device
+        self.retention_counts = torch.zeros(n_stages, 2, dtype=torch.float64, device="cpu")
         self._lens: list[list[int]] | None = None  # generation: tokens cached per stage and row
 
     # -- construction -------------------------------------------------------------------------------------------------
@@ -234,7 +235,7 @@ class SubLLM(Transformer):
             st = self.stage_of_layer[i]
             n = seq_len if st < 0 else lengths[st]
             total += n * (dense_flops_per_token(one_layer, context=(n + 1) / 2) - head)
-        for j, parent in enumerate(self.parent):
+        for parent in self.parent:
             total += 2 * cfg.dim * (seq_len if parent < 0 else lengths[parent])  # the scorer
         per_token = total / seq_len
         return 3 * per_token if training else per_token
@@ -362,7 +363,8 @@ class SubLLM(Transformer):
                 continue
             if op == "T":
                 cache = self.caches[i] if self.caches is not None else None
-                level["x"] = self.layers[i](level["x"], level["cos"], level["sin"], cache, level["start"], level["mask"])
+                x, cos, sin, mask = level["x"], level["cos"], level["sin"], level["mask"]
+                level["x"] = self.layers[i](x, cos, sin, cache, level["start"], mask)
             elif op == "(":
                 level, skip = self._subsample(i, level, stack, topk)
                 skipping = int(skip)

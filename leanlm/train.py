@@ -3,12 +3,13 @@
     leanlm train --config configs/tiny-cpu.yaml --set run.steps=100 --set optim.lr=1e-3
     torchrun --nproc_per_node 2 -m leanlm train --config configs/tiny-cpu.yaml --set run.strategy=fsdp
 
-A config has four sections; every key is optional except a model (or run.init) and data:
+A config has four sections (and an optional fifth, ltd); every key is optional except a model (or run.init) and data:
 
     model: {preset: cpu-10m, max_seq_len: 256}   # a preset plus ModelConfig overrides, or every ModelConfig field
     data:  {inputs: [stdlib], vocab_size: 8192}  # text to prepare into <run.out>/data, or {dir: PREPARED_DIR}
     optim: {lr: 1.0e-3, schedule: cosine, warmup_steps: 100}           # see leanlm.optim.OptimConfig
     run:   {out: out/run, steps: 1000, batch_size: 16, seq_len: 256}   # see RunConfig below
+    ltd:   {r_min: 64, q: 16}                    # optional: random-LTD training (leanlm.ltd.LTDConfig)
 
 `--set section.key=value` overrides one key; the value is parsed as YAML (`run.bf16=true`, `optim.betas=[0.9,0.99]`).
 Unknown keys and wrong types are errors naming the full key. The resolved config is written to `<run.out>/config.yaml`.

@@ -389,3 +389,38 @@ def test_train_with_ltd_through_the_cli(tmp_path, data_dir, capsys):
     dense = read_metrics(tmp_path / "d")
     assert [int(r["layer_tokens"]) for r in dense] == [64, 128, 192, 256, 320]
     assert [float(r["lr"]) for r in dense] == pytest.approx([schedule_lr(t, opt, 5) for t in range(5)])
+
+
+def test_exact_resume_with_ltd(tmp_path, data_dir, monkeypatch):
+    """Kept positions come from the global torch RNG, which checkpoints save: a resumed random-LTD run repeats the
+    straight run's losses and weights exactly."""
+    from safetensors.torch import load_file
+
+    from leanlm import train as train_mod
+
+    def cfg(out: Path, **run):
+        raw = raw_cfg(tmp_path, data_dir, ltd={"r_min": 8, "q": 4, "schedule_steps": 6}, **run)
+        raw["model"]["vocab_size"] = 300
+        raw["run"].update(out=str(out), layer_token_budget=320, batch_size=2, save_every=4, eval_every=0, log_every=1)
+        return config_from_dict(raw)
+
+    train(cfg(tmp_path / "straight"))
+
+    class CrashAtStep4(Transformer):
+        def set_step(self, step: int) -> None:
+            if step == 4:
+                raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(train_mod, "build_model", CrashAtStep4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg(tmp_path / "split"))
+    monkeypatch.undo()
+    res = train(cfg(tmp_path / "split", resume=True))
+    assert res["steps"] == 7 and res["layer_tokens"] == 364
+
+    def rows(out):
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_metrics(out)]
+
+    assert rows(tmp_path / "split") == rows(tmp_path / "straight")
+    a, b = (load_file(str(tmp_path / d / "final" / "model.safetensors")) for d in ("straight", "split"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

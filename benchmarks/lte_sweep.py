@@ -1,0 +1,159 @@
+"""LTE eta sweep: the sparsity-perplexity curve of a model fine-tuned with LTE, next to a dense fine-tune of the same
+length and a training-free baseline (keep the experts with the largest mean |activation| per token, TEAL-style).
+
+    python benchmarks/lte_sweep.py --init smollm2-135m --train ../shared/data/wikitext-2/valid.txt \\
+        --test ../shared/data/wikitext-2/test.txt --etas 0.5,4 --stage1-steps 10 --stage2-steps 4 --batch-size 2 \\
+        --eval-windows 8 --out out/lte
+
+Per eta it runs what `leanlm train` runs for
+    run.init=<init>, model: {lte: {eta: ETA, ...}}                 (stage 1: grouping + routers + soft routing)
+    run.init=<stage-1 final>, model: {lte: {stage: 2, ...}}         (stage 2: frozen routers, hard routing)
+and evaluates the final model with the `leanlm eval` protocol. The dense reference is fine-tuned for
+stage1 + stage2 steps from the same init; the training-free baseline groups the dense fine-tune's neurons the same
+way and keeps, per token, as many experts as the LTE point selected on average. Writes <out>/sweep.json and
+<out>/sweep.png (perplexity vs FFN sparsity).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--init", default="smollm2-135m")
+    ap.add_argument("--train", default="../shared/data/wikitext-2/valid.txt")
+    ap.add_argument("--test", default="../shared/data/wikitext-2/test.txt")
+    ap.add_argument("--etas", default="0.5,2,8", help="comma-separated eta values")
+    ap.add_argument("--stage1-steps", type=int, default=30)
+    ap.add_argument("--stage2-steps", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--grad-clip", type=float, default=1.0, help="optim.grad_clip (0: none)")
+    ap.add_argument("--tag", default="", help="suffix of the LTE run directories and result files")
+    ap.add_argument("--router-lr-scale", type=float, default=100.0)
+    ap.add_argument("--router-init-bias", type=float, default=0.0)
+    ap.add_argument("--router-init", default="random", help="random | centroid (model.lte.router_init)")
+    ap.add_argument("--router-init-std", type=float, default=0.02)
+    ap.add_argument("--eval-seq-len", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--out", default="out/lte")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from leanlm.checkpoint import add_methods, load_model
+    from leanlm.config import LTEConfig
+    from leanlm.data import prepare
+    from leanlm.evaluate import evaluate
+    from leanlm.lte import set_magnitude_routing
+    from leanlm.train import config_from_dict, train
+
+    out = Path(args.out)
+    data = out / "data"
+    prepare([args.train], data, tokenizer=args.init, val_fraction=0.05, progress=False)
+    steps = args.stage1_steps + args.stage2_steps
+
+    def run(name: str, init: str, model: dict | None, n: int) -> Path:
+        raw = {
+            "data": {"dir": str(data)},
+            "optim": {"lr": args.lr, "warmup_steps": 2, "weight_decay": 0.0, "grad_clip": args.grad_clip},
+            "run": {
+                "init": init,
+                "out": str(out / name),
+                "steps": n,
+                "batch_size": args.batch_size,
+                "seq_len": args.seq_len,
+                "eval_every": 0,
+                "eval_batches": 2,
+                "save_every": 0,
+                "log_every": 5,
+                "progress": False,
+            },
+        }
+        if model:
+            raw["model"] = model
+        final = out / name / "final"
+        if not final.exists():
+            t0 = time.time()
+            train(config_from_dict(raw))
+            print(f"{name}: {n} steps in {time.time() - t0:.0f} s", flush=True)
+        return final
+
+    def score(model, tok) -> float:
+        res = evaluate(
+            model, tok, [args.test], seq_len=args.eval_seq_len, max_windows=args.eval_windows, progress=False
+        )
+        return res["perplexity"]
+
+    rows = []
+    dense_path = run("dense", args.init, None, steps)
+    dense, tok = load_model(str(dense_path))
+    ppl_dense = score(dense, tok)
+    print(f"dense fine-tune: ppl {ppl_dense:.3f}", flush=True)
+    base, _ = load_model(args.init)
+    ppl_base = score(base, tok)
+    print(f"pretrained: ppl {ppl_base:.3f}", flush=True)
+    lte_common = {
+        "router_lr_scale": args.router_lr_scale,
+        "router_init_bias": args.router_init_bias,
+        "router_init": args.router_init,
+        "router_init_std": args.router_init_std,
+    }
+    tag = ("" if args.router_init == "random" else f"-{args.router_init}") + args.tag
+    grouped = add_methods(dense, dense.cfg.replace(lte=LTEConfig())).eval()  # same k-means grouping, no training
+    for eta in [float(e) for e in args.etas.split(",")]:
+        s1 = run(f"eta{eta:g}{tag}-stage1", args.init, {"lte": {"eta": eta, **lte_common}}, args.stage1_steps)
+        s2 = run(f"eta{eta:g}{tag}-stage2", str(s1), {"lte": {"eta": eta, "stage": 2, **lte_common}}, args.stage2_steps)
+        for stage, path in ((1, s1), (2, s2)):
+            model, _ = load_model(str(path))
+            ppl = score(model, tok)
+            rep = model.lte_report()
+            row = {"eta": eta, "stage": stage, "ppl": ppl, "sparsity": rep["ffn_sparsity"], "per_layer": rep}
+            if stage == 2:  # the training-free baseline at the same mean sparsity
+                set_magnitude_routing(grouped, 1 - rep["ffn_sparsity"])
+                grouped.lte_reset_stats()
+                row["training_free_ppl"] = score(grouped, tok)
+                row["training_free_sparsity"] = grouped.lte_report()["ffn_sparsity"]
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "per_layer"}), flush=True)
+    result = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "args": vars(args),
+        "pretrained_ppl": ppl_base,
+        "dense_finetune_ppl": ppl_dense,
+        "points": rows,
+    }
+    (out / f"sweep{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out / f"sweep{tag}.png")
+
+
+def plot(result: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [p for p in result["points"] if p["stage"] == 2]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([p["sparsity"] for p in pts], [p["ppl"] for p in pts], "o-", label="LTE (stage 2)")
+    for p in pts:
+        ax.annotate(f"η={p['eta']:g}", (p["sparsity"], p["ppl"]), fontsize=8)
+    ax.plot([p["training_free_sparsity"] for p in pts], [p["training_free_ppl"] for p in pts], "s--", label="top-|h|")
+    ax.axhline(result["dense_finetune_ppl"], color="gray", ls=":", label="dense fine-tune")
+    ax.set_xlabel("FFN neuron sparsity")
+    ax.set_ylabel("perplexity (wikitext-2 test)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,382 @@
+"""LTE ("Learn To be Efficient", arXiv 2402.06126): learned, structured FFN sparsity (spec: shared/specs/lte.md).
+
+Each SwiGLU FFN's neurons are grouped into experts of `expert_size` neurons (balanced k-means on the L2-normalised
+gate rows), permuted so every expert is contiguous, and given a linear router with an elementwise sigmoid.
+
+- Stage 1 (training, soft): every expert is computed and its neurons are scaled by its score G; the model adds
+  eta * L_eff + lambda_sep * L_sep through `aux_loss()`.
+- Stage 2 (training, hard): routers frozen; expert i is on iff G_i > 0.5 and contributes unscaled.
+- Inference (eval mode, any stage): hard routing. One token (decode) reads only the selected experts' weights;
+  several tokens (prefill, batches) compute the union of their experts and mask per token.
+
+    from leanlm.checkpoint import add_methods
+    lte_model = add_methods(dense, dense.cfg.replace(lte=LTEConfig(eta=0.5)))  # grouping + permutation + routers
+
+Layout (why it is interleaved): `gate_up_proj.weight` (2F, C) holds, per expert e, its E gate rows then its E up rows
+([g_0; u_0; g_1; u_1; ...]), so one expert's gate/up weights are one block. Under `model.decode_layout` (generate on a
+CPU) weights are column-major: gate_up_proj.weight.t() is a contiguous (C, 2F) matrix whose rows split into (C * n)
+rows of 2E values, one per (input channel, expert); down_proj.weight.t() is the contiguous transposed down projection
+(F, C). Decode then gathers exactly the selected experts' values with two `embedding_bag` calls (a fused
+gather-and-weighted-sum kernel), reading no unselected weight. `grouping` (F,) stores each position's original neuron.
+
+Shapes: N tokens, C model width, F FFN width, n experts, E expert size (F = n * E).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from leanlm.config import LTEConfig, ModelConfig
+from leanlm.errors import LeanLMError
+from leanlm.model import MLP, Transformer
+
+TAU = 0.5  # score threshold: the paper uses 0.5 in every experiment
+
+
+class LTEMLP(nn.Module):
+    """SwiGLU FFN split into n experts of E neurons with a sigmoid router (see the module docstring for the layout)."""
+
+    def __init__(self, dim: int, ffn_dim: int, lte: LTEConfig):
+        super().__init__()
+        self.lte = lte
+        self.n, self.E = ffn_dim // lte.expert_size, lte.expert_size
+        self.gate_up_proj = nn.Linear(dim, 2 * ffn_dim, bias=False)  # rows [g_0; u_0; g_1; u_1; ...], E rows each
+        self.down_proj = nn.Linear(ffn_dim, dim, bias=False)  # columns in expert order
+        # the router reads exactly what the FFN reads (post_attention_layernorm output): "the input to the FFN"
+        self.router = nn.Linear(dim, self.n, bias=False)
+        # a separate 1-D offset: Transformer.init_weights zeroes `.bias` parameters but leaves this one as set here
+        self.router_offset = nn.Parameter(torch.full((self.n,), float(lte.router_init_bias)))
+        self.register_buffer("grouping", torch.arange(ffn_dim), persistent=True)  # original neuron of each position
+        # hard sparsity of the last training forward (persistent: bench/flops of a saved model use it)
+        self.register_buffer("train_sparsity", torch.zeros(()), persistent=True)
+        self.set_stage(lte.stage)
+        self.scores: Tensor | None = None  # stage-1 scores of the last training forward, for aux_loss
+        self.magnitude_keep: float | None = None  # training-free baseline: keep this fraction of experts by |h|
+        self._index: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}  # decode gather indices per device
+        self.reset_stats()
+
+    def set_stage(self, stage: int) -> None:
+        self.stage = stage
+        for p in (self.router.weight, self.router_offset):
+            p.requires_grad_(stage == 1)
+            p.lr_scale = self.lte.router_lr_scale
+
+    # -- statistics ---------------------------------------------------------------------------------------------------
+
+    def reset_stats(self) -> None:
+        self.stat_tokens = 0  # tokens routed in eval mode since the last reset
+        self.stat_active = 0  # ... and the experts they selected (sum over tokens)
+        self.stat_computed = 0  # experts actually computed (the union for several tokens at once)
+        self.stat_calls = 0
+
+    def sparsity(self, train: bool = False) -> float:
+        """Fraction of this FFN's neurons not used per token: measured at inference if any (and not `train`), else
+        in the last training step."""
+        if self.stat_tokens and not train:
+            return 1.0 - self.stat_active / (self.stat_tokens * self.n)
+        return float(self.train_sparsity)
+
+    # -- forward ------------------------------------------------------------------------------------------------------
+
+    def logits(self, x: Tensor) -> Tensor:
+        return self.router(x) + self.router_offset  # (..., n); score = sigmoid(logit) > 0.5 iff logit > 0
+
+    def hidden(self, x: Tensor) -> Tensor:
+        gu = self.gate_up_proj(x).unflatten(-1, (self.n, 2, self.E))  # (..., n, 2, E)
+        return F.silu(gu[..., 0, :]) * gu[..., 1, :]  # (..., n, E)
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.logits(x)  # (B, T, n)
+        if self.training:
+            on = logits.detach() > 0
+            self.train_sparsity.fill_(1.0 - on.float().mean().item())
+            if self.stage == 1:  # soft: every expert, scaled by its score
+                self.scores = torch.sigmoid(logits)
+                return self.down_proj((self.hidden(x) * self.scores.unsqueeze(-1)).flatten(-2))
+            return self.down_proj((self.hidden(x) * on.unsqueeze(-1)).flatten(-2))  # hard, unscaled
+        if self.magnitude_keep is not None:
+            return self._magnitude(x)
+        return self.infer(x, logits > 0)
+
+    def infer(self, x: Tensor, on: Tensor) -> Tensor:
+        """Hard routing with mask on (B, T, n): computes only selected experts (decode) or their union (several)."""
+        B, T, C = x.shape
+        if B * T == 0:  # e.g. an empty SUBLLM stage
+            return x.new_zeros(x.shape)
+        self.stat_tokens += B * T
+        self.stat_calls += 1
+        if B * T == 1:
+            sel = on.view(-1).nonzero().view(-1)  # (k,) selected experts
+            self.stat_active += sel.numel()
+            self.stat_computed += sel.numel()
+            return self._decode(x.view(C), sel).view(1, 1, C)
+        self.stat_active += int(on.sum())
+        sel = on.flatten(0, 1).any(0).nonzero().view(-1)  # (k,) union over the tokens
+        self.stat_computed += sel.numel() * B * T
+        if sel.numel() == self.n:
+            return self.down_proj((self.hidden(x) * on.unsqueeze(-1)).flatten(-2))
+        w_gu = self.gate_up_proj.weight.view(self.n, 2 * self.E, C)[sel].flatten(0, 1)  # (k * 2E, C)
+        gu = F.linear(x, w_gu).unflatten(-1, (-1, 2, self.E))  # (B, T, k, 2, E)
+        h = F.silu(gu[..., 0, :]) * gu[..., 1, :] * on[..., sel].unsqueeze(-1)  # (B, T, k, E)
+        w_d = self.down_proj.weight.view(C, self.n, self.E)[:, sel].flatten(1)  # (C, k * E)
+        return F.linear(h.flatten(-2), w_d)  # (B, T, C)
+
+    def _decode(self, x: Tensor, sel: Tensor) -> Tensor:
+        """One token x (C,) through the selected experts sel (k,) only -> (C,)."""
+        C, k, E = x.shape[0], sel.numel(), self.E
+        if k == 0:
+            return x.new_zeros(C)
+        w_gu, w_d = self.gate_up_proj.weight, self.down_proj.weight
+        if not (w_gu.t().is_contiguous() and w_d.t().is_contiguous()):  # row-major (outside decode_layout, or bf16)
+            w_sel = w_gu.view(self.n, 2 * E, C)[sel]  # (k, 2E, C): a copy of the selected blocks only
+            gu = (w_sel @ x).view(k, 2, E)
+            h = F.silu(gu[:, 0]) * gu[:, 1]  # (k, E)
+            return w_d.view(C, self.n, E)[:, sel].flatten(1) @ h.flatten()
+        rows, neurons, starts = self._index.get(x.device) or self._build_index(x.device)
+        # gate/up: bag j sums, over input channels c, x[c] * (row (c, e_j) of the (C * n, 2E) table) = W_e x
+        table = w_gu.t().view(C * self.n, 2 * E)
+        gu = F.embedding_bag(
+            rows[sel].view(-1), table, starts[:k], mode="sum", per_sample_weights=x.expand(k, C).reshape(-1)
+        ).view(k, 2, E)
+        h = F.silu(gu[:, 0]) * gu[:, 1]  # (k, E)
+        # down: one bag summing h[j] * (row j of the transposed down projection (F, C)) over the selected neurons
+        y = F.embedding_bag(neurons[sel].view(-1), w_d.t(), starts[:1], mode="sum", per_sample_weights=h.view(-1))
+        return y.view(C)
+
+    def _build_index(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """Decode gather indices, built once per device (not buffers: models are built on the meta device)."""
+        C = self.gate_up_proj.weight.shape[1]
+        channels = torch.arange(C, device=device)
+        experts = torch.arange(self.n, device=device)
+        rows = channels.unsqueeze(0) * self.n + experts.unsqueeze(1)  # (n, C): table row of (channel c, expert e)
+        neurons = torch.arange(self.n * self.E, device=device).view(self.n, self.E)  # (n, E)
+        starts = torch.arange(0, self.n * C, C, device=device)  # (n,) bag offsets
+        self._index[device] = rows, neurons, starts
+        return rows, neurons, starts
+
+    def _magnitude(self, x: Tensor) -> Tensor:
+        """Training-free baseline (TEAL/Deja-Vu style oracle): per token keep the experts with the largest mean
+        |activation| of their neurons, computed densely. Shows what routing by magnitude costs in quality."""
+        h = self.hidden(x)  # (B, T, n, E)
+        k = max(1, round(self.magnitude_keep * self.n))
+        top = h.abs().mean(-1).topk(k, dim=-1).indices  # (B, T, k)
+        on = torch.zeros(h.shape[:-1], dtype=torch.bool, device=x.device).scatter_(-1, top, True)
+        self.stat_tokens += on.shape[0] * on.shape[1]
+        self.stat_active += int(on.sum())
+        return self.down_proj((h * on.unsqueeze(-1)).flatten(-2))
+
+
+# -- the model ---------------------------------------------------------------------------------------------------------
+
+
+def lte_layers(model: nn.Module) -> list[LTEMLP]:
+    return [m for m in model.modules() if isinstance(m, LTEMLP)]
+
+
+class LTEHooks:
+    """Training-loop hooks (`aux_loss`, `train_metrics`, `set_step`) and cost accounting of an LTE model, mixed into
+    whatever model class holds the blocks (the dense Transformer or SUBLLM) so methods compose; each hook calls the
+    base class's own, if any."""
+
+    def aux_loss(self) -> Tensor:
+        base = super().aux_loss() if hasattr(super(), "aux_loss") else 0.0
+        layers = [m for m in lte_layers(self) if m.scores is not None]
+        if not layers:
+            return base + self.embed_tokens.weight.new_zeros(())
+        lte = self.cfg.lte
+        g = [m.scores.float() for m in layers]
+        # both losses are means over layers x experts x tokens: one global budget, so layers compete for it
+        eff = torch.stack([(s.square() if lte.eff_squared else s).mean() for s in g]).mean()
+        sep = torch.stack([(1.0 / ((s - TAU).square() + lte.sep_eps)).mean() for s in g]).mean()
+        self._lte_losses = (eff.item(), sep.item())
+        for m in layers:
+            m.scores = None
+        return base + lte.eta * eff + lte.lambda_sep * sep
+
+    def set_step(self, step: int) -> None:
+        if hasattr(super(), "set_step"):
+            super().set_step(step)
+        if self.cfg.lte.stage == 2 and not bool(self.lte_stage1_done):
+            raise LeanLMError(
+                "model.lte.stage=2 needs the routers of a stage-1 LTE checkpoint: set run.init to a stage-1 "
+                "checkpoint and add `model: {lte: {stage: 2}}` (stage 2 cannot start from untrained routers)"
+            )
+        if self.cfg.lte.stage == 1:
+            self.lte_stage1_done.fill_(True)
+
+    def train_metrics(self) -> dict:
+        base = super().train_metrics() if hasattr(super(), "train_metrics") else {}
+        layers = lte_layers(self)
+        eff, sep = getattr(self, "_lte_losses", (None, None))
+        per_layer = {f"lte_sparsity_{i:02d}": float(m.train_sparsity) for i, m in enumerate(layers)}
+        return {
+            **base,
+            "lte_sparsity": sum(per_layer.values()) / max(len(layers), 1),
+            "lte_ffn_cost": self.lte_ffn_cost(train=True),
+            "lte_eff_loss": eff,
+            "lte_sep_loss": sep,
+            **per_layer,
+        }
+
+    def lte_ffn_cost(self, train: bool = False) -> float:
+        """Executed FFN + router FLOPs under hard routing as a fraction of the dense FFN's, at the sparsity measured
+        at inference (or, with `train` or before any inference, in the last training step)."""
+        layers = lte_layers(self)
+        C, Fd = self.cfg.dim, self.cfg.ffn_dim
+        ffn, router = 6 * C * Fd, 2 * C * (Fd // self.cfg.lte.expert_size)
+        return sum((1 - m.sparsity(train)) * ffn + router for m in layers) / (len(layers) * ffn)
+
+    def flops_per_token(self, seq_len: int, training: bool = False, **base_kw) -> float:
+        """The base model's count with each FFN's share scaled by its hard-routing cost, routers included.
+
+        Training computes every expert (soft in stage 1, a masked dense FFN in stage 2), so only the routers are
+        added there. At inference the FFN FLOPs saved are (1 - lte_ffn_cost) of the dense FFN's, scaled by the base
+        model's executed fraction of dense work (SUBLLM runs fewer tokens through its inner blocks).
+        """
+        from leanlm.model import dense_flops_per_token
+
+        base = super().flops_per_token(seq_len, training=training, **base_kw)  # e.g. SUBLLM's `retention`
+        C, Fd, L = self.cfg.dim, self.cfg.ffn_dim, self.cfg.n_layers
+        ffn, router = 6 * C * Fd * L, 2 * C * (Fd // self.cfg.lte.expert_size) * L
+        dense = dense_flops_per_token(self.cfg, context=(seq_len + 1) / 2, training=training)
+        frac = base / dense  # tokens through the blocks relative to the dense model (1 unless SUBLLM)
+        if training:
+            return base + 3 * router * frac
+        return base - ffn * frac * (1 - self.lte_ffn_cost())
+
+    def lte_report(self) -> dict:
+        """Inference sparsity measured since the last `lte_reset_stats()`: mean, per layer, and union overhead."""
+        layers = lte_layers(self)
+        per = [m.sparsity() for m in layers]
+        tokens = sum(m.stat_tokens for m in layers)
+        computed = sum(m.stat_computed for m in layers)
+        return {
+            "ffn_sparsity": sum(per) / len(per),
+            "ffn_sparsity_per_layer": [round(s, 4) for s in per],
+            "ffn_cost": self.lte_ffn_cost(),
+            "union_sparsity": 1 - computed / (tokens * layers[0].n) if tokens and computed else None,
+        }
+
+    def lte_reset_stats(self) -> None:
+        for m in lte_layers(self):
+            m.reset_stats()
+
+
+@functools.cache
+def _with_hooks(cls: type) -> type:
+    return type(f"LTE{cls.__name__}", (LTEHooks, cls), {"__doc__": f"{cls.__name__} with LTE FFNs."})
+
+
+def apply_lte(model: Transformer, cfg: ModelConfig) -> Transformer:
+    """Replace every block's MLP by an (uninitialised) LTE FFN and add the LTE hooks (called by build_model)."""
+    for block in model.layers:
+        if not isinstance(block.mlp, MLP):
+            raise LeanLMError(f"LTE needs SwiGLU MLP blocks, found {type(block.mlp).__name__}")
+        block.mlp = LTEMLP(cfg.dim, cfg.ffn_dim, cfg.lte)
+    # stage 2 may only continue from trained routers: a flag saved with the weights, set by stage-1 training
+    model.register_buffer("lte_stage1_done", torch.zeros((), dtype=torch.bool), persistent=True)
+    model.__class__ = _with_hooks(type(model))
+    return model
+
+
+# -- preparation: expert grouping --------------------------------------------------------------------------------------
+
+
+def balanced_kmeans(x: Tensor, n: int, iters: int = 20, seed: int = 0) -> Tensor:
+    """Cluster the rows of x (F, d) into n clusters of exactly F // n rows; returns the cluster of each row (F,).
+
+    Balanced assignment is greedy on the whole (row, centroid) similarity matrix: pairs are taken best first and a
+    row goes to a centroid while it has room (as in MoEfication's balanced assignment). Rows are L2-normalised first.
+    """
+    Fd = x.shape[0]
+    size = Fd // n
+    x = F.normalize(x.float(), dim=1)
+    gen = torch.Generator().manual_seed(seed)
+    centroids = x[torch.randperm(Fd, generator=gen)[:n]].clone()  # (n, d)
+    assign = torch.zeros(Fd, dtype=torch.long)
+    for _ in range(iters):
+        sim = x @ centroids.t()  # (F, n)
+        order = sim.flatten().argsort(descending=True).tolist()
+        new, room, left = [-1] * Fd, [size] * n, Fd  # plain Python: tensor indexing per pair is ~100x slower
+        for flat in order:
+            r, c = divmod(flat, n)
+            if new[r] < 0 and room[c]:
+                new[r] = c
+                room[c] -= 1
+                left -= 1
+                if not left:
+                    break
+        new = torch.tensor(new)
+        if torch.equal(new, assign):
+            break
+        assign = new
+        centroids = F.normalize(torch.zeros_like(centroids).index_add_(0, assign, x), dim=1)
+    return assign
+
+
+def group_mlp(mlp: MLP, lte: LTEConfig, seed: int) -> dict[str, Tensor]:
+    """The LTE state of a dense MLP: weights permuted so experts are contiguous (gate/up interleaved per expert)."""
+    w_gu, w_d = mlp.gate_up_proj.weight.detach(), mlp.down_proj.weight.detach()
+    Fd, C = w_d.shape[1], w_d.shape[0]
+    n, E = Fd // lte.expert_size, lte.expert_size
+    gate, up = w_gu[:Fd], w_gu[Fd:]
+    assign = balanced_kmeans(gate, n, lte.kmeans_iters, seed)
+    perm = assign.argsort(stable=True)  # (F,) original neurons, expert by expert
+    blocks = torch.stack([gate[perm].view(n, E, C), up[perm].view(n, E, C)], dim=1)  # (n, 2, E, C)
+    return {"gate_up_proj.weight": blocks.reshape(2 * Fd, C), "down_proj.weight": w_d[:, perm], "grouping": perm}
+
+
+def lte_state_dict(model: Transformer, cfg: ModelConfig, seed: int = 0) -> dict[str, Tensor]:
+    """The state dict to load into build_model(cfg) when `model` gets (or changes) its LTE stage.
+
+    dense -> stage 1: groups and permutes every FFN. stage 1 -> stage 2: the same weights, routers kept.
+    """
+    old, new = model.cfg.lte, cfg.lte
+    state = dict(model.state_dict())
+    if old is None:
+        if new.stage != 1:
+            raise LeanLMError(
+                "model.lte.stage=2 needs a stage-1 LTE checkpoint as run.init (got a model without LTE); "
+                "run stage 1 first"
+            )
+        for i, block in enumerate(model.layers):
+            for k, v in group_mlp(block.mlp, new, seed + i).items():
+                state[f"layers.{i}.mlp.{k}"] = v
+        return state
+    if old.expert_size != new.expert_size:
+        raise LeanLMError(
+            f"model.lte.expert_size: the model's experts have {old.expert_size} neurons, not {new.expert_size}"
+        )
+    if (old.stage, new.stage) not in ((1, 1), (1, 2), (2, 2)):
+        raise LeanLMError(f"model.lte.stage: cannot go from stage {old.stage} back to stage {new.stage}")
+    return state
+
+
+@torch.no_grad()
+def init_routers(model: nn.Module, seed: int) -> None:
+    """Initialise new routers as the config says (after the grouped weights are in place).
+
+    random: weights ~ N(0, router_init_std). centroid (MoEfication-style): router row e = the normalised mean of
+    expert e's normalised gate rows, scaled to norm router_init_std, so an expert starts "on" for inputs that align
+    with its gate directions. Offsets = router_init_bias.
+    """
+    gen = torch.Generator().manual_seed(seed + 7919)
+    for m in lte_layers(model):
+        if m.lte.router_init == "centroid":
+            C = m.gate_up_proj.weight.shape[1]
+            gate = F.normalize(m.gate_up_proj.weight.view(m.n, 2, m.E, C)[:, 0].float(), dim=-1)  # (n, E, C)
+            w = F.normalize(gate.mean(1), dim=-1) * m.lte.router_init_std  # (n, C)
+        else:
+            w = torch.randn(m.router.weight.shape, generator=gen) * m.lte.router_init_std
+        m.router.weight.copy_(w)
+        m.router_offset.fill_(m.lte.router_init_bias)
+
+
+def set_magnitude_routing(model: nn.Module, keep: float | None) -> None:
+    """Switch every LTE FFN to the training-free baseline (keep the top `keep` fraction of experts by |h|), or back."""
+    for m in lte_layers(model):
+        m.magnitude_keep = keep

@@ -1,0 +1,298 @@
+"""LTE on tiny random models: grouping/permutation, soft and hard routing against dense references, the sparse
+decode FFN, router gradients per stage, training end to end, SUBLLM composition and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from leanlm.checkpoint import add_methods, build_model, load_model, save_checkpoint
+from leanlm.cli import main
+from leanlm.config import LTEConfig, preset
+from leanlm.errors import LeanLMError
+from leanlm.generate import generate
+from leanlm.lte import LTEMLP, balanced_kmeans, lte_layers
+from leanlm.model import Transformer, decode_layout
+from leanlm.train import config_from_dict, train
+
+CFG = dict(dim=64, ffn_dim=128)  # 4 experts of 32
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def dense_model(**kw) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(preset("tiny", **{**CFG, **kw})).init_weights(seed=0).eval()
+
+
+def to_lte(dense: Transformer, **lte) -> Transformer:
+    return add_methods(dense, dense.cfg.replace(lte=LTEConfig(**lte))).eval()
+
+
+def set_routers(model, offset: float | None = None, std: float = 0.0, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lte_layers(model):
+            m.router.weight.copy_(torch.randn(m.router.weight.shape, generator=gen) * std)
+            if offset is not None:
+                m.router_offset.fill_(offset)
+
+
+def masked_dense_mlp(dense_mlp, mlp: LTEMLP, x, on):
+    """Reference: the original (unpermuted) dense MLP with neuron j kept iff its expert is on."""
+    Fd = mlp.n * mlp.E
+    keep = on.repeat_interleave(mlp.E, dim=-1).float()  # (..., F) in permuted order
+    keep_orig = torch.zeros_like(keep)
+    keep_orig[..., mlp.grouping] = keep  # position j holds original neuron grouping[j]
+    gate, up = dense_mlp.gate_up_proj(x).split(Fd, dim=-1)
+    return dense_mlp.down_proj(F.silu(gate) * up * keep_orig)
+
+
+def test_balanced_kmeans_equal_sizes_and_grouping_is_a_permutation():
+    x = torch.randn(96, 16)
+    assign = balanced_kmeans(x, 3, iters=5)
+    assert torch.bincount(assign, minlength=3).tolist() == [32, 32, 32]
+    lte = to_lte(dense_model())
+    for m in lte_layers(lte):
+        assert sorted(m.grouping.tolist()) == list(range(128)) and not torch.equal(m.grouping, torch.arange(128))
+
+
+def test_centroid_router_init():
+    lte = add_methods(
+        dense_model(), dense_model().cfg.replace(lte=LTEConfig(router_init="centroid", router_init_std=2.0))
+    )
+    for m in lte_layers(lte):
+        torch.testing.assert_close(m.router.weight.norm(dim=1), torch.full((m.n,), 2.0))
+        gate = F.normalize(m.gate_up_proj.weight.view(m.n, 2, m.E, -1)[:, 0], dim=-1).mean(1)  # (n, C)
+        assert (F.cosine_similarity(m.router.weight, gate, dim=1) > 0.999).all()
+
+
+def test_permutation_equivalence():
+    dense = dense_model()
+    lte = to_lte(dense)
+    set_routers(lte, offset=30.0)  # every expert on: the permuted model must be the dense one
+    x = torch.randint(0, 512, (2, 12))
+    torch.testing.assert_close(lte(x), dense(x), atol=1e-5, rtol=1e-5)
+    for d, m in zip(dense.layers, lte.layers):
+        h = torch.randn(2, 5, 64)
+        on = torch.ones(2, 5, m.mlp.n, dtype=torch.bool)
+        torch.testing.assert_close(m.mlp.infer(h, on), d.mlp(h), atol=1e-5, rtol=1e-5)
+
+
+def test_stage1_with_all_scores_one_equals_dense():
+    dense = dense_model()
+    lte = to_lte(dense, eta=1.0)
+    set_routers(lte, offset=100.0)  # sigmoid(100) == 1.0 in fp32
+    lte.train()
+    x = torch.randint(0, 512, (2, 12))
+    torch.testing.assert_close(lte(x), dense(x), atol=1e-5, rtol=1e-5)
+
+
+def test_stage2_hard_mask_equals_masked_dense():
+    dense = dense_model()
+    lte = to_lte(dense)
+    lte.lte_stage1_done.fill_(True)
+    lte = add_methods(lte, lte.cfg.replace(lte=LTEConfig(stage=2))).train()
+    set_routers(lte, offset=0.0, std=0.3)
+    for d, m in zip(dense.layers, lte.layers):
+        x = torch.randn(2, 7, 64)
+        on = m.mlp.logits(x) > 0
+        assert 0 < on.float().mean() < 1
+        torch.testing.assert_close(m.mlp(x), masked_dense_mlp(d.mlp, m.mlp, x, on), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["row-major", "decode_layout"])
+@pytest.mark.parametrize("tokens", [(1, 1), (3, 1), (1, 6)])
+def test_sparse_inference_ffn_equals_masked_dense(layout, tokens):
+    dense = dense_model()
+    lte = to_lte(dense)
+    set_routers(lte, offset=0.0, std=0.3)
+    d, m = dense.layers[0].mlp, lte.layers[0].mlp
+    x = torch.randn(*tokens, 64)
+    on = m.logits(x) > 0
+    ref = masked_dense_mlp(d, m, x, on)
+    with torch.no_grad(), decode_layout(lte) if layout == "decode_layout" else torch.no_grad():
+        if layout == "decode_layout":
+            assert m.gate_up_proj.weight.t().is_contiguous()
+        torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(m.infer(x, torch.zeros_like(on)), torch.zeros_like(x))  # no expert selected
+    assert m.stat_tokens == 2 * x.shape[0] * x.shape[1]
+
+
+def test_generate_with_sparse_decode_matches_full_forward():
+    lte = to_lte(dense_model())
+    set_routers(lte, offset=0.0, std=0.3)
+    out = generate(lte, [[1, 2, 3, 4]], max_new_tokens=8).tokens[0]
+    ids = [1, 2, 3, 4]
+    with torch.no_grad():
+        for _ in range(8):
+            ids.append(int(lte(torch.tensor([ids]))[0, -1].argmax()))
+    assert out == ids[4:]
+    rep = lte.lte_report()
+    assert 0 < rep["ffn_sparsity"] < 1 and len(rep["ffn_sparsity_per_layer"]) == 2
+    assert lte.flops_per_token(64) < dense_model().flops_per_token(64)
+
+
+def test_router_gradients_stage1_but_not_stage2():
+    lte = to_lte(dense_model(), eta=1.0)
+    set_routers(lte, offset=0.0, std=0.3)
+    lte.train()
+    x = torch.randint(0, 512, (2, 12))
+    (lte(x).logsumexp(-1).mean() + lte.aux_loss()).backward()
+    for m in lte_layers(lte):
+        assert m.router.weight.grad is not None and m.router.weight.grad.abs().sum() > 0
+        assert m.router_offset.grad.abs().sum() > 0
+    lte.lte_stage1_done.fill_(True)
+    s2 = add_methods(lte, lte.cfg.replace(lte=LTEConfig(stage=2))).train()
+    s2(x).logsumexp(-1).mean().backward()
+    assert float(s2.aux_loss()) == 0.0
+    for m, m1 in zip(lte_layers(s2), lte_layers(lte)):
+        assert not m.router.weight.requires_grad and m.router.weight.grad is None and m.router_offset.grad is None
+        assert torch.equal(m.router.weight, m1.router.weight)  # stage 2 keeps the stage-1 routers
+        assert m.gate_up_proj.weight.grad.abs().sum() > 0
+
+
+def test_aux_losses_hand_computed():
+    lte = to_lte(dense_model(), eta=2.0, lambda_sep=0.5, sep_eps=0.01)
+    set_routers(lte, offset=float(torch.logit(torch.tensor(0.8))))  # every score 0.8
+    lte.train()
+    lte(torch.randint(0, 512, (1, 4)))
+    expected = 2.0 * 0.8**2 + 0.5 / (0.3**2 + 0.01)
+    assert lte.aux_loss().item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.fixture
+def tiny_data(tmp_path_factory):
+    from conftest import TEXT
+
+    from leanlm.data import prepare
+
+    root = tmp_path_factory.mktemp("lte")
+    (root / "text.txt").write_text(TEXT * 40)
+    out = root / "data"
+    prepare([str(root / "text.txt")], out, vocab_size=300, progress=False)
+    return out
+
+
+def run_cfg(out, data, init=None, model=None, steps=3):
+    raw = {
+        "data": {"dir": str(data)},
+        "optim": {"lr": 1e-3, "warmup_steps": 0},
+        "run": {"out": str(out), "steps": steps, "batch_size": 2, "seq_len": 32, "eval_batches": 1, "log_every": 1},
+    }
+    raw["run"]["progress"] = False
+    if init:
+        raw["run"]["init"] = str(init)
+    if model:
+        raw["model"] = model
+    return raw
+
+
+def test_train_stage1_then_stage2_then_eval_and_generate(tmp_path, tiny_data, tiny_tokenizer, capsys):
+    dense = train(config_from_dict(run_cfg(tmp_path / "d", tiny_data, model={"preset": "tiny", **CFG}, steps=2)))
+    s1 = train(config_from_dict(run_cfg(tmp_path / "s1", tiny_data, dense["checkpoint"], {"lte": {"eta": 1.0}})))
+    rows = (tmp_path / "s1" / "metrics.csv").read_text().splitlines()
+    assert "lte_sparsity" in rows[0] and "lte_sparsity_01" in rows[0] and "lte_eff_loss" in rows[0]
+    m1, _ = load_model(s1["checkpoint"])
+    assert m1.cfg.arch == "lte" and bool(m1.lte_stage1_done)
+    s2 = train(config_from_dict(run_cfg(tmp_path / "s2", tiny_data, s1["checkpoint"], {"lte": {"stage": 2}})))
+    m2, _ = load_model(s2["checkpoint"])
+    assert m2.cfg.lte.stage == 2
+    for a, b in zip(lte_layers(m1), lte_layers(m2)):
+        assert torch.equal(a.router.weight, b.router.weight) and torch.equal(a.grouping, b.grouping)
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    assert main(["eval", "-m", s2["checkpoint"], "-d", str(text), "--seq-len", "32", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 <= res["lte"]["ffn_sparsity"] <= 1
+    assert main(["generate", "-m", s2["checkpoint"], "-p", "The quick", "-n", "4", "--ignore-eos"]) == 0
+
+
+def test_lte_subllm_trains_and_generates(tmp_path, tiny_data):
+    pytest.importorskip("leanlm.subllm")
+    model = {"preset": "tiny", **CFG, "n_layers": 3, "subllm": {"structure": "T(T)T"}, "lte": {"eta": 1.0}}
+    res = train(config_from_dict(run_cfg(tmp_path / "sub", tiny_data, model=model, steps=3)))
+    m, _ = load_model(res["checkpoint"])
+    assert m.cfg.arch == "subllm+lte" and len(lte_layers(m)) == 3
+    assert len(generate(m, [[1, 2, 3, 4, 5, 6]], max_new_tokens=5).tokens[0]) == 5
+    rep = m.lte_report()
+    assert 0 <= rep["ffn_sparsity"] <= 1
+    # the combined saving: SUBLLM's token reduction and LTE's FFN sparsity both lower the executed FLOPs
+    assert m.flops_per_token(64) <= build_model(m.cfg.replace(lte=None)).flops_per_token(64)
+
+
+def test_bad_config_values():
+    with pytest.raises(LeanLMError, match="expert_size: must divide model.ffn_dim=128"):
+        preset("tiny", **CFG, lte={"expert_size": 48})
+    with pytest.raises(LeanLMError, match="eta: must be >= 0"):
+        preset("tiny", **CFG, lte={"eta": -0.1})
+    with pytest.raises(LeanLMError, match="router_init: must be random or centroid"):
+        preset("tiny", **CFG, lte={"router_init": "kmeans"})
+    with pytest.raises(LeanLMError, match="stage-1 LTE checkpoint"):
+        to_lte(dense_model(), stage=2)
+
+
+def write_config(tmp_path, raw) -> str:
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return str(p)
+
+
+def one_line_exit_2(capsys, argv, needle):
+    rc = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("leanlm: error:") and needle in err[-1], err
+
+
+@pytest.mark.parametrize(
+    "model, needle",
+    [
+        ({"preset": "tiny", **CFG, "lte": {"expert_size": 48}}, "model.lte.expert_size: must divide"),
+        ({"preset": "tiny", **CFG, "lte": {"eta": -1}}, "model.lte.eta: must be >= 0"),
+        ({"preset": "tiny", **CFG, "lte": {"stage": 2}}, "needs the routers of a stage-1 LTE checkpoint"),
+    ],
+)
+def test_bad_input_cli(tmp_path, capsys, tiny_data, model, needle):
+    cfg = write_config(tmp_path, run_cfg(tmp_path / "o", tiny_data, model=model))
+    one_line_exit_2(capsys, ["train", "--config", cfg], needle)
+
+
+def test_stage2_from_dense_init_cli(tmp_path, capsys, tiny_data, tiny_tokenizer):
+    ck = save_checkpoint(dense_model(vocab_size=300), tiny_tokenizer, tmp_path / "dense")
+    cfg = write_config(tmp_path, run_cfg(tmp_path / "o", tiny_data, init=ck, model={"lte": {"stage": 2}}))
+    one_line_exit_2(capsys, ["train", "--config", cfg], "needs a stage-1 LTE checkpoint")
+
+
+def test_lte_checkpoint_without_grouping(tmp_path, capsys, tiny_tokenizer):
+    from safetensors.torch import load_file, save_file
+
+    ck = save_checkpoint(to_lte(dense_model(vocab_size=300)), tiny_tokenizer, tmp_path / "lte")
+    state = {k: v for k, v in load_file(str(ck / "model.safetensors")).items() if not k.endswith(".grouping")}
+    save_file(state, str(ck / "model.safetensors"))
+    one_line_exit_2(capsys, ["generate", "-m", str(ck), "-p", "hi", "-n", "2"], "mlp.grouping")
+
+
+@pytest.mark.slow
+def test_smollm2_grouping_preserves_logits(smollm2):
+    dense, tok = smollm2
+    lte = to_lte(dense)
+    set_routers(lte, offset=30.0)
+    x = torch.tensor([tok.encode("The capital of France is Paris, and the capital of Italy is")])
+    with torch.no_grad():
+        torch.testing.assert_close(lte(x), dense(x), atol=2e-4, rtol=1e-4)
+        set_routers(lte, offset=0.0, std=0.05)
+        m, d = lte.layers[3].mlp, dense.layers[3].mlp
+        h = torch.randn(1, 1, 576)
+        on = m.logits(h) > 0
+        with decode_layout(lte):
+            torch.testing.assert_close(m(h), masked_dense_mlp(d, m, h, on), atol=1e-4, rtol=1e-4)
