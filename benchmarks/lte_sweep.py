@@ -2,8 +2,8 @@
 length and a training-free baseline (keep the experts with the largest mean |activation| per token, TEAL-style).
 
     python benchmarks/lte_sweep.py --init smollm2-135m --train ../shared/data/wikitext-2/valid.txt \\
-        --test ../shared/data/wikitext-2/test.txt --etas 0.5,4 --stage1-steps 10 --stage2-steps 4 --batch-size 2 \\
-        --eval-windows 8 --out out/lte
+        --test ../shared/data/wikitext-2/test.txt --etas 16,12,8 --stage1-steps 30 --stage2-steps 10 --batch-size 2 \\
+        --eval-windows 8 --router-lr-scale 100 --router-init-bias 1.5 --sep-eps 0.1 --out out/lte2
 
 Per eta it runs what `leanlm train` runs for
     run.init=<init>, model: {lte: {eta: ETA, ...}}                 (stage 1: grouping + routers + soft routing)
@@ -30,16 +30,17 @@ def main() -> None:
     ap.add_argument("--init", default="smollm2-135m")
     ap.add_argument("--train", default="../shared/data/wikitext-2/valid.txt")
     ap.add_argument("--test", default="../shared/data/wikitext-2/test.txt")
-    ap.add_argument("--etas", default="0.5,2,8", help="comma-separated eta values")
+    ap.add_argument("--etas", default="8,12,16", help="comma-separated eta values")
     ap.add_argument("--stage1-steps", type=int, default=30)
     ap.add_argument("--stage2-steps", type=int, default=10)
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--grad-clip", type=float, default=1.0, help="optim.grad_clip (0: none)")
     ap.add_argument("--tag", default="", help="suffix of the LTE run directories and result files")
     ap.add_argument("--router-lr-scale", type=float, default=100.0)
-    ap.add_argument("--router-init-bias", type=float, default=0.0)
+    ap.add_argument("--router-init-bias", type=float, default=1.5, help="model.lte.router_init_bias")
+    ap.add_argument("--sep-eps", type=float, default=0.1, help="model.lte.sep_eps")
     ap.add_argument("--router-init", default="random", help="random | centroid (model.lte.router_init)")
     ap.add_argument("--router-init-std", type=float, default=0.02)
     ap.add_argument("--eval-seq-len", type=int, default=512)
@@ -106,6 +107,7 @@ def main() -> None:
         "router_init_bias": args.router_init_bias,
         "router_init": args.router_init,
         "router_init_std": args.router_init_std,
+        "sep_eps": args.sep_eps,
     }
     tag = ("" if args.router_init == "random" else f"-{args.router_init}") + args.tag
     grouped = add_methods(dense, dense.cfg.replace(lte=LTEConfig())).eval()  # same k-means grouping, no training
@@ -141,7 +143,7 @@ def plot(result: dict, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [p for p in result["points"] if p["stage"] == 2]
+    pts = sorted((p for p in result["points"] if p["stage"] == 2), key=lambda p: p["sparsity"])
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([p["sparsity"] for p in pts], [p["ppl"] for p in pts], "o-", label="LTE (stage 2)")
     for p in pts:
@@ -149,7 +151,8 @@ def plot(result: dict, png: Path) -> None:
     ax.plot([p["training_free_sparsity"] for p in pts], [p["training_free_ppl"] for p in pts], "s--", label="top-|h|")
     ax.axhline(result["dense_finetune_ppl"], color="gray", ls=":", label="dense fine-tune")
     ax.set_xlabel("FFN neuron sparsity")
-    ax.set_ylabel("perplexity (wikitext-2 test)")
+    ax.set_yscale("log")
+    ax.set_ylabel("perplexity (wikitext-2 test, log scale)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(png, dpi=120)

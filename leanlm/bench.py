@@ -249,6 +249,11 @@ def _decode(
         from leanlm.generate import generate
 
         res = generate(model, x.tolist(), max_new_tokens=new_tokens, stop_ids=(), dtype=cache_dtype)
+        counts = getattr(model, "retention_counts", None)
+        if counts is not None:  # SUBLLM: retention of the generated tokens only, so take back the prompt's counts
+            before = counts.clone()  # (untimed: the caller has its time already)
+            _prefill(model, batch, prompt_len)  # the same prompt adds what generate's prefill added
+            counts.copy_(2 * before - counts)
         return res.n_decode_tokens, res.decode_seconds
     clock = _FirstTokenClock()
     with torch.inference_mode():
@@ -559,9 +564,10 @@ def format_table(result: dict) -> str:
     notes = [f"settings: seq_len {s['seq_len']} (train), prompt_len {s['prompt_len']}, new_tokens {s['new_tokens']}"]
     for w, r in result["results"].items():
         for k in variants:
-            if "retention" in r[k]:
+            if r[k].get("retention"):
                 kept = ", ".join(f"{x:.3f}" for x in r[k]["retention"])
-                notes.append(f"{w} {k}: tokens kept per stage at inference: {kept}")
+                which = "of the prompt" if w == "prefill" else "of the generated tokens"
+                notes.append(f"{w} {k}: fraction {which} kept per stage: {kept}")
             if "lte" in r[k]:
                 notes.append(
                     f"{w} {k}: LTE FFN sparsity {r[k]['lte']['ffn_sparsity']:.3f} (routers included: "

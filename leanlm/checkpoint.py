@@ -202,7 +202,7 @@ def load_model(ref: str, dtype: str | None = None, seed: int = 0) -> tuple[Trans
         if ref in PRETRAINED_PRESETS:
             return hf.load_gguf(hf.smollm2_gguf(), dtype=dtype)
         cfg = preset(ref)
-        model = Transformer(cfg).init_weights(seed=seed)
+        model = build_model(cfg).init_weights(seed=seed)
         return model.to(torch_dtype(dtype or cfg.dtype)).eval(), None
     if not path.exists():
         raise LeanLMError(f"{ref}: no such file or directory, and not a preset (presets: {', '.join(PRESETS)})")

@@ -8,6 +8,7 @@ checkpoint's config.json.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -82,7 +83,12 @@ class SubLLMConfig:
 
     structure: str = ""
     keep: float = 0.64  # fraction of tokens each `(` keeps (training: exactly k = (T + 1/keep - 1) // (1/keep))
-    threshold: float = 0.0  # inference keeps a token iff its score > threshold (the paper's v)
+    # inference keeps a token iff its score > v (the paper's v): one number for every stage, or one per `(` in
+    # structure order, e.g. as `leanlm.subllm.calibrate_thresholds` sets them to reach `keep` on held-out text
+    threshold: float | list = 0.0
+    # true: before every validation the trainer sets `threshold` per stage so that each keeps `keep` of the
+    # tokens on training windows (the balancer does this at v = 0 only after long training; docs/design.md)
+    calibrate: bool = False
     balancer_band: float = 0.05  # the balancer pushes the fraction of positive scores into keep +- band
     balancer_min_abs: float = 1.0  # ... and the mean |score| into [min_abs, max_abs]
     balancer_max_abs: float = 4.0
@@ -121,6 +127,11 @@ class SubLLMConfig:
             raise bad("structure", f"has {s.count('T')} blocks but model.n_layers={n_layers}")
         if not isinstance(self.keep, float) or not 0 < self.keep <= 1:
             raise bad("keep", "must be in (0, 1]")
+        v = self.threshold
+        if isinstance(v, list) and (
+            len(v) != s.count("(") or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in v)
+        ):
+            raise bad("threshold", f"must be a number or a list of {s.count('(')} numbers, one per stage")
         for name in ("balancer_prob", "bypass_min"):
             v = getattr(self, name)
             if len(v) != 2 or not all(isinstance(x, (int, float)) and 0 <= x <= 1 for x in v):
@@ -153,10 +164,14 @@ class LTEConfig:
     stage: int = 1  # 1: soft routing + efficiency/separability losses; 2: frozen routers, hard routing, task loss
     eta: float = 0.0  # weight of the efficiency loss: the one sparsity knob (the paper sweeps 0..2)
     lambda_sep: float = 0.5  # weight of the separability loss (0.5 in every paper run)
-    sep_eps: float = 0.01  # L_sep = mean 1 / ((G - 0.5)^2 + sep_eps): bounded where the paper's 1/(G-0.5)^2 is not
+    # L_sep = mean 1 / ((G - 0.5)^2 + sep_eps): bounded where the paper's 1/(G-0.5)^2 is not; 0.1 (not 0.01) so that
+    # eta can move scores across 0.5 at all (docs/design.md, LTE)
+    sep_eps: float = 0.1
     eff_squared: bool = True  # L_eff = mean G^2 (the paper's formula); False: mean G (the paper's text)
     router_init: str = "random"  # random: weights ~ N(0, router_init_std); centroid: each expert's mean gate row
-    router_init_bias: float = 0.0  # initial router logit offset; 0 = scores start at 0.5
+    # initial router logit offset: 1.5 = scores start at ~0.82, so stage 1 starts close to the dense function (0 would
+    # halve every FFN output); the measured choice of docs/results.md (LTE)
+    router_init_bias: float = 1.5
     router_init_std: float = 0.02  # random: the weights' std; centroid: the norm of each router row
     router_lr_scale: float = 1.0  # the routers learn at this multiple of the base learning rate
     kmeans_iters: int = 20  # balanced k-means iterations when grouping a dense model

@@ -542,3 +542,15 @@ def val_batches(
             yield _windows(dataset.tokens, starts[b : b + batch_size], seq_len)
 
     return batches()
+
+
+def spread_batches(dataset: TokenDataset, batch_size: int, seq_len: int, max_batches: int) -> list[Tensor]:
+    """`max_batches` batches of input windows spaced evenly over the whole of `dataset` (deterministic): a sample of
+    every part of a split, e.g. to calibrate a statistic without reading all of it."""
+    _check_batch_args(dataset, batch_size, seq_len)
+    last = len(dataset) - seq_len - 1  # the last start with a full window
+    n = max_batches * batch_size
+    if last < 0:
+        raise LeanLMError(f"{dataset.path}: the {dataset.split} split is shorter than one window of {seq_len} tokens")
+    starts = np.linspace(0, last, n).astype(np.int64).tolist()
+    return [_windows(dataset.tokens, starts[b : b + batch_size], seq_len)[0] for b in range(0, n, batch_size)]

@@ -1,12 +1,13 @@
 """`leanlm demo`: the main job on the embedded default corpus, end to end.
 
-Prepares the Python standard library's sources (always present, offline), trains the dense baseline and every
-efficiency method the package contains at a small size on the same tokens with the same seed, evaluates them on the
-held-out documents, benchmarks their training step alternately in one process, and writes `<out>/report.md` with
-PNG plots (loss curves, speed-up and memory bars).
+Prepares the Python standard library's sources (always present, offline), trains the dense baseline and the methods
+that train from scratch (SUBLLM, random-LTD) at a small size on the same tokens with the same seed, evaluates them on
+the held-out documents, benchmarks their training step alternately in one process, and writes `<out>/report.md` with
+PNG plots (loss curves, speed-up and memory bars). LTE is not a row: it converts a fine-tuned pretrained model
+(configs/lte-smollm2-wikitext.yaml).
 
-    leanlm demo              # about 5 minutes on 2 CPU cores
-    leanlm demo --quick      # about 1 minute: a tiny model, few steps
+    leanlm demo              # under 10 minutes on 2 CPU cores (three methods)
+    leanlm demo --quick      # under 2 minutes: a tiny model, few steps
 """
 
 from __future__ import annotations
@@ -32,12 +33,32 @@ class Method:
 
     name: str
     about: str
-    model_overrides: dict = field(default_factory=dict)
+    model_overrides: dict = field(default_factory=dict)  # applied to the size's preset; "{steps}" = the run's steps
+    ltd: dict | None = None  # a random-LTD training section (leanlm.ltd.LTDConfig), "{half}" = seq_len // 2
 
 
-# Every efficiency method the package contains gets a row here; the dense baseline is the reference for all ratios.
+# Every method that trains from scratch gets a row here; the dense baseline is the reference for all ratios.
 METHODS: list[Method] = [
     Method("dense", "the LLaMA baseline (leanlm/model.py): every token through every layer and the whole FFN"),
+    Method(
+        "subllm",
+        "SUBLLM (leanlm/subllm.py): a learned scorer keeps 64% of the tokens for the middle layers, twice nested",
+        # the paper's layout (outer, stage 1, stage 2, stage 1, outer) at the demo's 6 layers; its 8k/20k-step
+        # schedules shortened to the demo's run; inference thresholds calibrated to keep 64% (docs/design.md)
+        {
+            "subllm": {
+                "structure": "T(T(TT)T)T",
+                "balancer_steps": "{steps}",
+                "bypass_steps": "{steps}",
+                "calibrate": True,
+            }
+        },
+    ),
+    Method(
+        "random-ltd",
+        "random-LTD (leanlm/ltd.py): middle layers see a random half of the tokens, growing to all during the run",
+        ltd={"r_min": "{half}", "q": 16},
+    ),
 ]
 
 
@@ -59,7 +80,7 @@ SIZES = {
         "cpu-10m",
         {"max_seq_len": 256},
         vocab_size=8192,
-        steps=300,
+        steps=150,  # x 3 methods: the whole demo stays under 10 minutes on 2 cores
         batch_size=8,
         seq_len=256,
         lr=1.5e-3,
@@ -68,7 +89,7 @@ SIZES = {
     ),
     "quick": DemoSize(
         "tiny",
-        {"vocab_size": 2048, "max_seq_len": 128},
+        {"vocab_size": 2048, "max_seq_len": 128, "n_layers": 6},  # 6 layers: room for SUBLLM's two nested stages
         vocab_size=2048,
         steps=60,
         batch_size=8,
@@ -81,12 +102,18 @@ SIZES = {
 
 
 def _train_config(size: DemoSize, method: Method, data_dir: Path, out: Path, progress: bool):
+    from leanlm.ltd import LTDConfig
     from leanlm.optim import OptimConfig
     from leanlm.train import DataConfig, RunConfig, TrainConfig
 
-    model_cfg: ModelConfig = preset(size.model, **{**size.model_overrides, **method.model_overrides})
+    def fill(d: dict) -> dict:  # the per-size placeholders of METHODS
+        values = {"{steps}": size.steps, "{half}": size.seq_len // 2}
+        return {k: fill(v) if isinstance(v, dict) else values.get(v, v) for k, v in d.items()}
+
+    model_cfg: ModelConfig = preset(size.model, **{**size.model_overrides, **fill(method.model_overrides)})
     return TrainConfig(
         model=model_cfg,
+        ltd=LTDConfig(**fill(method.ltd)) if method.ltd is not None else None,
         data=DataConfig(dir=str(data_dir)),
         optim=OptimConfig(lr=size.lr, warmup_steps=max(1, size.steps // 10), schedule="cosine"),
         run=RunConfig(
@@ -196,6 +223,13 @@ def run_demo(out: str | Path = "demo", quick: bool = False, progress: bool = Tru
     # ---- benchmark the training step: all methods alternately, several rounds ---------------------------------------
     say("benchmarking training steps")
     models = {m.name: load_checkpoint(runs / m.name / "final", expect_arch=None)[0].train() for m in METHODS}
+    for m in METHODS:  # random-LTD is a way of training: bench its step at the schedule's midpoint, the run's mean r
+        if m.ltd is not None:
+            from leanlm.ltd import RandomLTD, resolve_plan
+
+            cfg = _train_config(size, m, out / "data", runs / m.name, progress)
+            plan, _ = resolve_plan(cfg.ltd, cfg.model, size.seq_len, size.batch_size, size.steps, None)
+            RandomLTD(models[m.name], plan).attach().set_step(size.steps // 2)
     tps: dict[str, list[float]] = {n: [] for n in models}
     mem: dict[str, int | None] = dict.fromkeys(models)
     for r in range(size.bench_steps):
@@ -246,7 +280,8 @@ def run_demo(out: str | Path = "demo", quick: bool = False, progress: bool = Tru
         f"{size.seq_len} tokens, seed 0, AdamW lr {size.lr} warmup+cosine",
         f"- training-step speed: forward+backward+AdamW on {size.batch_size} x {size.seq_len} tokens, methods run "
         f"alternately, {size.bench_steps} rounds; speed-up = method tokens/s / dense tokens/s in the same round, "
-        "median [min, max]",
+        "median [min, max]; random-LTD's step at its schedule's midpoint (the run's mean kept length)",
+        "- validation: every model in eval mode (SUBLLM: threshold selection, random-LTD: the dense model)",
         "",
         "| method | parameters | executed FLOPs/token (train) | FLOP saving | train tokens/s | peak extra memory "
         "| val loss | val loss / dense | speed-up vs dense |",

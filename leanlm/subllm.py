@@ -20,8 +20,10 @@ Shapes: B batch, T tokens at the current level, k kept tokens, C width, L cache 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -185,6 +187,7 @@ class SubLLM(Transformer):
                 open_.pop()
             else:
                 self.stage_of_layer[i] = open_[-1] if open_ else -1
+        self.stage_layers = [[i for i, st in enumerate(self.stage_of_layer) if st == j] for j in range(n_stages)]
         self.selection: str | None = None  # None: top-k when training, threshold in eval
         self.step = 0
         self._bounds = balancer_bounds(self.sub)
@@ -192,6 +195,7 @@ class SubLLM(Transformer):
         # (kept, seen) since reset_retention; host-side bookkeeping, never on the meta/accelerator device
         self.retention_counts = torch.zeros(n_stages, 2, dtype=torch.float64, device="cpu")
         self._lens: list[list[int]] | None = None  # generation: tokens cached per stage and row
+        self._scores: list[list[Tensor]] | None = None  # threshold-mode scores per stage, while calibrating
 
     # -- construction -------------------------------------------------------------------------------------------------
 
@@ -206,6 +210,11 @@ class SubLLM(Transformer):
             st.scorer.weight.copy_(torch.rand(st.scorer.weight.shape, generator=gen) * 2 * bound - bound)
             st.bypass_scale.fill_(self.sub.bypass_init)
         return self
+
+    def calibrate(self, batches: Iterable[Tensor]) -> None:
+        """The trainer's hook before validation: with `calibrate: true`, set the per-stage thresholds on `batches`."""
+        if self.sub.calibrate:
+            calibrate_thresholds(self, batches)
 
     def set_step(self, step: int) -> None:
         """Optimizer step, read by the balancer-probability and bypass-bound schedules (without it they stay at
@@ -314,7 +323,8 @@ class SubLLM(Transformer):
     def _select_threshold(self, j: int, s: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """Inference selection: keep s > threshold (never a pad). Returns indices (B, kmax) with each row's kept
         tokens first, in order, then filler; weights (B, kmax) (0 for filler); kept counts (B,)."""
-        keep = s > self.sub.threshold  # (B, T)
+        v = self.sub.threshold
+        keep = s > (v[j] if isinstance(v, list) else v)  # (B, T)
         if valid is not None:
             keep &= valid
         counts = keep.sum(1)  # (B,)
@@ -324,6 +334,8 @@ class SubLLM(Transformer):
         real = torch.arange(kmax, device=s.device).unsqueeze(0) < counts.unsqueeze(1)  # (B, kmax)
         w = s.gather(1, idx).clamp(0, 1) * real
         seen = valid.sum() if valid is not None else s.numel()
+        if self._scores is not None:  # calibrate_thresholds is listening
+            self._scores[j].append(s[valid] if valid is not None else s.flatten())
         with torch.no_grad():
             self._stats[j] = {"pos_frac": (s > 0).float().mean(), "kept_w": w.sum() / counts.sum().clamp(min=1)}
             self._stats[j]["kept"] = counts.sum() / max(int(seen), 1)
@@ -377,8 +389,10 @@ class SubLLM(Transformer):
 
     def _subsample(self, j: int, outer: dict, stack: list[dict], topk: bool) -> tuple[dict, bool]:
         x = outer["x"]  # (B, T, C)
-        B, _, C = x.shape
+        B, T, C = x.shape
         s = self.stages[j].scorer(x).squeeze(-1).float()  # (B, T) scores
+        if not topk and B * T == 1 and outer["valid"] is None and self._scores is None:
+            return self._subsample_one(j, outer, stack, s)
         if topk:
             idx, w = self._select_topk(j, s)
             counts = None
@@ -399,11 +413,31 @@ class SubLLM(Transformer):
             inner.update(self._stage_cache_view(j, counts, idx.shape[1], x.device))
         return inner, False
 
+    def _subsample_one(self, j: int, outer: dict, stack: list[dict], s: Tensor) -> tuple[dict, bool]:
+        """Decoding one token of one row: the same rule as `_select_threshold` without its index bookkeeping (sort,
+        gathers, scatter), which would cost more than a block at this size. The token either enters the stage as is
+        (same position, same RoPE rows) or skips it."""
+        v = self.sub.threshold
+        score = float(s)
+        kept = score > (v[j] if isinstance(v, list) else v)
+        self.retention_counts[j] += torch.tensor([float(kept), 1.0], dtype=torch.float64)
+        saved = {**outer, "one": j, "w": min(max(score, 0.0), 1.0)}  # "one": this stage took the fast path
+        stack.append(saved)
+        if not kept:
+            return saved, True
+        inner = {**outer, "start": 0, "valid": None}
+        if self.caches is not None:
+            inner["start"], inner["mask"] = self._lens[j][0], None
+            self._lens[j] = [self._lens[j][0] + 1]
+            for i in self.stage_layers[j]:
+                self.caches[i].slots = None
+        return inner, False
+
     def _stage_cache_view(self, j: int, counts: Tensor, k: int, device: torch.device) -> dict:
         """Cache slots and attention mask for k new tokens per row at stage j: row b writes its tokens at slots
         lens[b].. and query i attends to slots <= lens[b] + i (its row's earlier tokens, then itself)."""
         lens = self._lens[j]
-        layers = [i for i in range(self.cfg.n_layers) if self.stage_of_layer[i] == j]
+        layers = self.stage_layers[j]
         new = counts.tolist()
         self._lens[j] = [n + c for n, c in zip(lens, new)]
         if len(set(lens)) == 1:  # every row has cached the same number of tokens: one shared slot range
@@ -420,6 +454,10 @@ class SubLLM(Transformer):
 
     def _upsample(self, j: int, inner: dict, stack: list[dict]) -> dict:
         outer = stack.pop()
+        if outer.get("one") == j:  # the single kept token of _subsample_one
+            x = outer["x"]
+            outer["x"] = x + (self.stages[j].bypass_scale * outer["w"] * (inner["x"] - x)).to(x.dtype)
+            return outer
         x, idx, w, xg = outer["x"], outer["idx"], outer["w"], outer["xg"]
         scale = self.stages[j].bypass_scale  # (C,)
         if self.training and torch.is_grad_enabled() and random.random() < self.sub.bypass_limit_prob:
@@ -429,3 +467,40 @@ class SubLLM(Transformer):
         delta = scale * w.unsqueeze(-1) * (inner["x"] - xg)  # (B, k, C)
         outer["x"] = x.scatter_add(1, idx.unsqueeze(-1).expand_as(delta), delta.to(x.dtype))
         return outer
+
+
+@torch.no_grad()
+def calibrate_thresholds(model: SubLLM, batches: Iterable[Tensor]) -> list[float]:
+    """Per-stage inference thresholds v_j such that each stage keeps `keep` of the tokens reaching it on `batches`
+    (token ids (B, T)), set on the model's config and returned.
+
+    Stages are calibrated outermost first: which tokens reach an inner stage depends on the outer thresholds. With
+    a calibrated balancer v = 0 already does this (the paper); short runs leave the positive fraction below the
+    band (docs/results.md), and this sets v from the scores instead.
+    """
+    batches = list(batches)
+    n = len(model.stages)
+    v: list[float] = [0.0] * n
+    was_training, selection = model.training, model.selection
+    model.eval()
+    model.selection = "threshold"
+    try:
+        for j in range(n):  # an enclosing stage has a lower index than the stages inside it
+            _set_threshold(model, list(v))
+            model._scores = [[] for _ in range(n)]
+            for x in batches:
+                model(x)
+            s = torch.cat(model._scores[j]).float()  # the scores of every token that reached stage j
+            drop = round((1 - model.sub.keep) * s.numel())
+            v[j] = float(s.kthvalue(drop).values) if drop >= 1 else float(s.min()) - 1.0  # s > v for the rest
+        _set_threshold(model, v)
+    finally:
+        model._scores = None
+        model.selection = selection
+        model.train(was_training)
+    return v
+
+
+def _set_threshold(model: SubLLM, v: list[float]) -> None:
+    model.sub = dataclasses.replace(model.sub, threshold=v)
+    model.cfg = model.cfg.replace(subllm=model.sub)  # saved with the checkpoint

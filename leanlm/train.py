@@ -471,10 +471,18 @@ def validation_loss(
     max_batches: int,
     device: torch.device,
     autocast: typing.Callable,
+    calibration: Any = None,
 ) -> float:
-    """Mean cross-entropy per token over the first `max_batches` validation batches (the same windows every time)."""
-    from leanlm.data import val_batches
+    """Mean cross-entropy per token over the first `max_batches` validation batches (the same windows every time).
 
+    A model with a `calibrate` hook (SUBLLM with `calibrate: true`) first sets its inference thresholds on the same
+    number of windows spread over `calibration` (training data, so the validation text stays unseen)."""
+    from leanlm.data import spread_batches, val_batches
+
+    calibrate = getattr(model, "calibrate", None)
+    if calibrate is not None and calibration is not None:
+        with autocast():
+            calibrate([x.to(device) for x in spread_batches(calibration, batch_size, seq_len, max_batches)])
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -558,10 +566,12 @@ def train(cfg: TrainConfig) -> dict:
             weights = None
         elif run.init:
             model, init_tok = load_model(run.init, dtype="float32", seed=run.seed)
+            init_arch = model.cfg.arch
             if cfg.add_methods:
                 added = ModelConfig.from_dict({**model.cfg.to_dict(), **cfg.add_methods}, where="model")
                 model = add_methods(model, added, seed=run.seed)
-                note(f"note: run.init={run.init}: converted into {added.arch} (new modules initialised)")
+                if model.cfg.arch != init_arch:
+                    note(f"note: run.init={run.init}: converted into {added.arch} (new modules initialised)")
             model_cfg = model.cfg
             if cfg.model is not None and cfg.model != model_cfg:
                 note(f"note: run.init={run.init}: the model section is ignored, the architecture is the init model's")
@@ -730,6 +740,7 @@ def train(cfg: TrainConfig) -> dict:
                     run.eval_batches * d.world_size,
                     d.device,
                     autocast,
+                    calibration=train_data,
                 )
             if is_last or val_now is not None or step % run.log_every == 0:
                 tps = interval_tokens / interval_seconds
@@ -787,10 +798,12 @@ def train(cfg: TrainConfig) -> dict:
                 run.eval_batches * d.world_size,
                 d.device,
                 autocast,
+                calibration=train_data,
             )
         if not _weights_finite(model, d):
             raise LeanLMError(f"step {step}: the weights are no longer finite; not saving {out / 'final'}")
-        full = _model_for_saving(model, model_cfg, d)
+        # the live model's config: it carries what training set on it (SUBLLM's calibrated thresholds)
+        full = _model_for_saving(model, distributed.unwrap(model).cfg, d)
         summary = {
             "out": str(out),
             "checkpoint": str(out / "final"),

@@ -220,13 +220,15 @@ def test_train_stage1_then_stage2_then_eval_and_generate(tmp_path, tiny_data, ti
 
 def test_lte_subllm_trains_and_generates(tmp_path, tiny_data):
     pytest.importorskip("leanlm.subllm")
-    model = {"preset": "tiny", **CFG, "n_layers": 3, "subllm": {"structure": "T(T)T"}, "lte": {"eta": 1.0}}
+    # scores start at 0.5 (offset 0, not the default 1.5), so some experts are off after 3 steps
+    lte = {"eta": 1.0, "router_init_bias": 0.0}
+    model = {"preset": "tiny", **CFG, "n_layers": 3, "subllm": {"structure": "T(T)T"}, "lte": lte}
     res = train(config_from_dict(run_cfg(tmp_path / "sub", tiny_data, model=model, steps=3)))
     m, _ = load_model(res["checkpoint"])
     assert m.cfg.arch == "subllm+lte" and len(lte_layers(m)) == 3
     assert len(generate(m, [[1, 2, 3, 4, 5, 6]], max_new_tokens=5).tokens[0]) == 5
     rep = m.lte_report()
-    assert 0 <= rep["ffn_sparsity"] <= 1
+    assert 0 < rep["ffn_sparsity"] <= 1
     # the combined saving: SUBLLM's token reduction and LTE's FFN sparsity both lower the executed FLOPs
     assert m.flops_per_token(64) <= build_model(m.cfg.replace(lte=None)).flops_per_token(64)
 

@@ -14,7 +14,7 @@ from leanlm.config import preset
 from leanlm.errors import LeanLMError
 from leanlm.generate import generate, pad_batch
 from leanlm.model import Transformer
-from leanlm.subllm import SubLLM, _Balance, balancer_bounds, kept_length, parse_structure
+from leanlm.subllm import SubLLM, _Balance, balancer_bounds, calibrate_thresholds, kept_length, parse_structure
 
 
 def subllm(structure: str = "T(T(T)T)T", seed: int = 0, sharpen: float = 50.0, **over) -> SubLLM:
@@ -180,7 +180,8 @@ def test_training_runs_through_the_trainer_and_feeds_the_step(tmp_path, tiny_tok
     steps = []
     monkeypatch.setattr(SubLLM, "set_step", lambda self, step: (steps.append(step), SubLLM.__dict__)[0])
     raw = {
-        "model": {"preset": "tiny", "vocab_size": 300, "n_layers": 3, "subllm": {"structure": "T(T)T"}},
+        "model": {"preset": "tiny", "vocab_size": 300, "n_layers": 3,
+                  "subllm": {"structure": "T(T)T", "calibrate": True}},
         "data": {"dir": str(tmp_path / "data")},
         "run": {"out": str(tmp_path / "run"), "steps": 4, "batch_size": 2, "seq_len": 32, "eval_every": 2,
                 "eval_batches": 1, "save_every": 0, "log_every": 1, "progress": False},
@@ -192,6 +193,7 @@ def test_training_runs_through_the_trainer_and_feeds_the_step(tmp_path, tiny_tok
     model, _ = load_model(res["checkpoint"])
     assert isinstance(model, SubLLM)
     assert json.loads((tmp_path / "run/final/config.json").read_text())["arch"] == "subllm"
+    assert isinstance(model.sub.threshold, list) and len(model.sub.threshold) == 1  # calibrated, then saved
     assert res["flops_per_token"] < Transformer(model.cfg.replace(subllm=None)).flops_per_token(32, training=True)
 
 
@@ -203,6 +205,7 @@ def test_checkpoint_round_trip_and_arch_guards(tmp_path, tiny_tokenizer):
     with torch.no_grad():
         assert torch.equal(loaded(x), m(x))
     assert loaded.retention() == m.retention()  # the counters live on the host even for a meta-built model
+    assert isinstance(load_model("subllm-cpu-24l")[0], SubLLM)  # presets build their method too (bench --model)
     with pytest.raises(LeanLMError, match="'subllm' checkpoint cannot be loaded as 'llama'"):
         load_checkpoint(ck, expect_arch="llama")
     from leanlm.hf import export_hf
@@ -245,6 +248,21 @@ def test_uptraining_keeps_the_backbone():
 def test_malformed_structures(structure, message):
     with pytest.raises(LeanLMError, match=message.replace("(", r"\(").replace(")", r"\)")):
         preset("tiny", n_layers=5, subllm={"structure": structure})
+
+
+def test_calibrated_thresholds_keep_the_ratio_per_stage():
+    m = subllm("T(T(TT)T)T", sharpen=1.0)  # scores mostly in (-1, 1): v = 0 would keep about half
+    batches = [torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    v = calibrate_thresholds(m, batches)
+    assert len(v) == 2 and m.cfg.subllm.threshold == v and m.training  # set on the model and its config
+    m.eval()
+    m.reset_retention()
+    with torch.no_grad():
+        for x in batches:
+            m(x)
+    assert m.retention() == pytest.approx([0.64, 0.64], abs=0.01)
+    with pytest.raises(LeanLMError, match="model.subllm.threshold: must be a number or a list of 2 numbers"):
+        preset("tiny", n_layers=6, subllm={"structure": "T(T(TT)T)T", "threshold": [0.0]})
 
 
 @pytest.mark.parametrize("keep", [0.0, 1.5, -0.2])
