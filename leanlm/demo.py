@@ -80,11 +80,11 @@ SIZES = {
         "cpu-10m",
         {"max_seq_len": 256},
         vocab_size=8192,
-        steps=150,  # x 3 methods: the whole demo stays under 10 minutes on 2 cores
+        steps=100,  # x 3 methods: the whole demo stays under 10 minutes on 2 cores
         batch_size=8,
         seq_len=256,
         lr=1.5e-3,
-        eval_batches=16,
+        eval_batches=8,
         bench_steps=5,
     ),
     "quick": DemoSize(
