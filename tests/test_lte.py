@@ -111,6 +111,19 @@ def test_stage2_hard_mask_equals_masked_dense():
         torch.testing.assert_close(m.mlp(x), masked_dense_mlp(d.mlp, m.mlp, x, on), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kept", [0.25, 0.9])  # the gather path and the masked-dense path of one-token decode
+def test_decode_ffn_both_paths_equal_masked_dense(kept):
+    dense = dense_model()
+    lte = to_lte(dense)
+    d, m = dense.layers[0].mlp, lte.layers[0].mlp
+    x = torch.randn(1, 1, 64)
+    on = torch.zeros(1, 1, m.n, dtype=torch.bool)
+    on[..., torch.randperm(m.n)[: max(1, round(kept * m.n))]] = True
+    assert (on.float().mean() > m.DENSE_ABOVE) == (kept > m.DENSE_ABOVE)
+    with torch.no_grad(), decode_layout(lte):
+        torch.testing.assert_close(m.infer(x, on), masked_dense_mlp(d, m, x, on), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("layout", ["row-major", "decode_layout"])
 @pytest.mark.parametrize("tokens", [(1, 1), (3, 1), (1, 6)])
 def test_sparse_inference_ffn_equals_masked_dense(layout, tokens):
