@@ -307,7 +307,7 @@ def test_smollm2_grouping_preserves_logits(smollm2):
         torch.testing.assert_close(lte(x), dense(x), atol=2e-4, rtol=1e-4)
         set_routers(lte, offset=0.0, std=0.05)
         m, d = lte.layers[3].mlp, dense.layers[3].mlp
-        h = torch.randn(1, 1, 576)
+        h = torch.randn(1, 1, 576, generator=torch.Generator().manual_seed(0))
         on = m.logits(h) > 0
-        with decode_layout(lte):
-            torch.testing.assert_close(m(h), masked_dense_mlp(d, m, h, on), atol=1e-4, rtol=1e-4)
+        with decode_layout(lte):  # 1536-term fp32 sums in another order: 1e-4 was exceeded once (1.1e-4)
+            torch.testing.assert_close(m(h), masked_dense_mlp(d, m, h, on), atol=3e-4, rtol=1e-4)
