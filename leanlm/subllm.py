@@ -320,11 +320,15 @@ class SubLLM(Transformer):
             }
         return idx, w
 
+    def _threshold(self, j: int) -> float:
+        """Stage j's inference threshold v: one value for every stage, or one per stage."""
+        v = self.sub.threshold
+        return v[j] if isinstance(v, list) else v
+
     def _select_threshold(self, j: int, s: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """Inference selection: keep s > threshold (never a pad). Returns indices (B, kmax) with each row's kept
         tokens first, in order, then filler; weights (B, kmax) (0 for filler); kept counts (B,)."""
-        v = self.sub.threshold
-        keep = s > (v[j] if isinstance(v, list) else v)  # (B, T)
+        keep = s > self._threshold(j)  # (B, T)
         if valid is not None:
             keep &= valid
         counts = keep.sum(1)  # (B,)
@@ -417,9 +421,8 @@ class SubLLM(Transformer):
         """Decoding one token of one row: the same rule as `_select_threshold` without its index bookkeeping (sort,
         gathers, scatter), which would cost more than a block at this size. The token either enters the stage as is
         (same position, same RoPE rows) or skips it."""
-        v = self.sub.threshold
         score = float(s)
-        kept = score > (v[j] if isinstance(v, list) else v)
+        kept = score > self._threshold(j)
         self.retention_counts[j] += torch.tensor([float(kept), 1.0], dtype=torch.float64)
         saved = {**outer, "one": j, "w": min(max(score, 0.0), 1.0)}  # "one": this stage took the fast path
         stack.append(saved)
