@@ -100,8 +100,8 @@ class LTEMLP(nn.Module):
             self.train_sparsity.fill_(1.0 - on.float().mean().item())
             if self.stage == 1:  # soft: every expert, scaled by its score
                 self.scores = torch.sigmoid(logits)
-                return self.down_proj((self.hidden(x) * self.scores.unsqueeze(-1)).flatten(-2))
-            return self.down_proj((self.hidden(x) * on.unsqueeze(-1)).flatten(-2))  # hard, unscaled
+                return self._scaled(x, self.scores)
+            return self._scaled(x, on)  # hard, unscaled
         if self.magnitude_keep is not None:
             return self._magnitude(x)
         return self.infer(x, logits > 0)
@@ -117,27 +117,29 @@ class LTEMLP(nn.Module):
             sel = on.view(-1).nonzero().view(-1)  # (k,) selected experts
             self.stat_active += sel.numel()
             self.stat_computed += sel.numel()
+            if sel.numel() > self.DENSE_ABOVE * self.n:  # most experts on: the whole FFN with a mask beats gathers
+                return self._scaled(x, on)
             return self._decode(x.view(C), sel).view(1, 1, C)
         self.stat_active += int(on.sum())
         sel = on.flatten(0, 1).any(0).nonzero().view(-1)  # (k,) union over the tokens
         self.stat_computed += sel.numel() * B * T
         if sel.numel() == self.n:
-            return self.down_proj((self.hidden(x) * on.unsqueeze(-1)).flatten(-2))
+            return self._scaled(x, on)
         w_gu = self.gate_up_proj.weight.view(self.n, 2 * self.E, C)[sel].flatten(0, 1)  # (k * 2E, C)
         gu = F.linear(x, w_gu).unflatten(-1, (-1, 2, self.E))  # (B, T, k, 2, E)
         h = F.silu(gu[..., 0, :]) * gu[..., 1, :] * on[..., sel].unsqueeze(-1)  # (B, T, k, E)
         w_d = self.down_proj.weight.view(C, self.n, self.E)[:, sel].flatten(1)  # (C, k * E)
         return F.linear(h.flatten(-2), w_d)  # (B, T, C)
 
+    def _scaled(self, x: Tensor, c: Tensor) -> Tensor:
+        """Every expert computed and its neurons scaled by c (..., n): the scores (soft) or a 0/1 mask (hard)."""
+        return self.down_proj((self.hidden(x) * c.unsqueeze(-1)).flatten(-2))
+
     def _decode(self, x: Tensor, sel: Tensor) -> Tensor:
         """One token x (C,) through the selected experts sel (k,) only -> (C,)."""
         C, k, E = x.shape[0], sel.numel(), self.E
         if k == 0:
             return x.new_zeros(C)
-        if k > self.DENSE_ABOVE * self.n:  # most experts on: the whole FFN with a mask is faster than the gathers
-            on = x.new_zeros(self.n)
-            on[sel] = 1.0
-            return self.down_proj((self.hidden(x) * on.unsqueeze(-1)).flatten())
         w_gu, w_d = self.gate_up_proj.weight, self.down_proj.weight
         if not (w_gu.t().is_contiguous() and w_d.t().is_contiguous()):  # row-major (outside decode_layout, or bf16)
             w_sel = w_gu.view(self.n, 2 * E, C)[sel]  # (k, 2E, C): a copy of the selected blocks only
