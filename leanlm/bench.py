@@ -249,11 +249,6 @@ def _decode(
         from leanlm.generate import generate
 
         res = generate(model, x.tolist(), max_new_tokens=new_tokens, stop_ids=(), dtype=cache_dtype)
-        counts = getattr(model, "retention_counts", None)
-        if counts is not None:  # SUBLLM: retention of the generated tokens only, so take back the prompt's counts
-            before = counts.clone()  # (untimed: the caller has its time already)
-            _prefill(model, batch, prompt_len)  # the same prompt adds what generate's prefill added
-            counts.copy_(2 * before - counts)
         return res.n_decode_tokens, res.decode_seconds
     clock = _FirstTokenClock()
     with torch.inference_mode():
@@ -479,6 +474,13 @@ def run_bench(
             for run in runners.values():
                 if isinstance(run, TrainStep):
                     run.close()
+        if w == "decode":  # SUBLLM: retention of the generated tokens only, so take back every prompt's share
+            for m in models.values():
+                counts = getattr(m, "retention_counts", None)
+                if counts is not None:  # one more prefill of the same prompt measures what each generate's added
+                    before = counts.clone()
+                    _prefill(m, batch, prompt_len)
+                    counts.copy_(before - (warmup + repeats) * (counts - before))
         entry = {"unit": "tokens/s", "definition": DEFINITIONS[w]}
         for k, m in models.items():
             entry[k] = {**_summary(tps[k]), "peak_mem_bytes": max(mem[k]) if mem[k] else None}
