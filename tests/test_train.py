@@ -23,14 +23,7 @@ from leanlm.train import add_train_parser, config_from_dict, load_config, train
 WORDS = "the quick brown fox jumps over the lazy dog and runs away from the big red barn".split()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # other jobs share this machine's 2 cores; two OpenMP threads then spin against them and a tiny step takes 30x
-    # longer. One thread is also what each torchrun worker uses, so numbers compare across test files.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_corpus(root: Path, n_docs: int = 12, words: int = 800) -> Path:
