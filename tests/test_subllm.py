@@ -280,3 +280,20 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert out.err.count("\n") == 1 and "Traceback" not in out.err
     rc = main(["train", "--config", str(cfg), "--set", "model.subllm.keep=2", "--json"])
     assert rc == 2 and "model.subllm.keep" in capsys.readouterr().err
+    rc = main(["train", "--config", str(cfg), "--set", "model.subllm.calibrate=maybe", "--json"])
+    assert rc == 2 and "model.subllm.calibrate: expected bool" in capsys.readouterr().err
+
+
+def test_bench_text_errors_are_one_line(tmp_path, capsys):
+    from leanlm.data import prepare
+
+    bench = ["bench", "--model", "tiny", "--what", "prefill", "--prompt-len", "8", "--repeats", "1"]
+    rc = main([*bench, "--text", str(tmp_path / "missing")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not a prepared data directory" in err and err.count("\n") == 1
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(" ".join(f"w{i * 7919 % 100003}" for i in range(20000)))  # varied: the BPE fills its vocab
+    prepare([str(corpus)], tmp_path / "data", tokenizer=None, vocab_size=1024, progress=False)
+    rc = main([*bench, "--text", str(tmp_path / "data")])  # 1024 token ids for the tiny model's 512
+    err = capsys.readouterr().err
+    assert rc == 2 and "but the model has 512" in err and err.count("\n") == 1
