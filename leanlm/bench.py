@@ -369,14 +369,20 @@ def _machine(device: torch.device) -> dict:
 def _flops(
     model: nn.Module, what: Sequence[str], seq_len: int, prompt_len: int, new_tokens: int, retention: dict | None = None
 ) -> dict:
-    # per token of a causal pass over L tokens; for decode, L = prompt + new tokens (the context the steps end with).
-    # A model that drops tokens at inference (SUBLLM) is costed at the retention it achieved in the measurement.
-    lengths = {"train": seq_len, "prefill": prompt_len, "decode": prompt_len + new_tokens}
+    # train and prefill: per token of a causal pass over seq_len / prompt_len tokens; decode: one step at the mean
+    # context of the generated tokens, prompt_len + new_tokens / 2 (every cached key is attended to, not half).
+    # A model that drops tokens at inference (SUBLLM) is costed at the retention it achieved in the measurement:
+    # for decode, that of the generated tokens, with caches holding what was kept of the prompt ("decode_cached").
+    retention = retention or {}
     out = {}
     for w in (w for w in WHATS if w in what):
-        kept = (retention or {}).get(w)
-        extra = {"retention": kept} if kept is not None else {}
-        out[w] = model.flops_per_token(lengths[w], training=w == "train", **extra)
+        kept = retention.get(w)
+        if w == "decode":
+            extra = {"retention": kept, "cached": retention.get("decode_cached")} if kept is not None else {}
+            out[w] = model.decode_flops(prompt_len + new_tokens / 2, **extra)
+        else:
+            extra = {"retention": kept} if kept is not None else {}
+            out[w] = model.flops_per_token(seq_len if w == "train" else prompt_len, training=w == "train", **extra)
     return out
 
 
@@ -475,12 +481,14 @@ def run_bench(
                 if isinstance(run, TrainStep):
                     run.close()
         if w == "decode":  # SUBLLM: retention of the generated tokens only, so take back every prompt's share
-            for m in models.values():
+            for k, m in models.items():
                 counts = getattr(m, "retention_counts", None)
                 if counts is not None:  # one more prefill of the same prompt measures what each generate's added
                     before = counts.clone()
                     _prefill(m, batch, prompt_len)
-                    counts.copy_(before - (warmup + repeats) * (counts - before))
+                    prompt = counts - before
+                    retention[k]["decode_cached"] = (prompt[:, 0] / prompt[:, 1].clamp(min=1)).tolist()
+                    counts.copy_(before - (warmup + repeats) * prompt)
         entry = {"unit": "tokens/s", "definition": DEFINITIONS[w]}
         for k, m in models.items():
             entry[k] = {**_summary(tps[k]), "peak_mem_bytes": max(mem[k]) if mem[k] else None}

@@ -250,9 +250,19 @@ class LTEHooks:
         from leanlm.model import dense_flops_per_token
 
         base = super().flops_per_token(seq_len, training=training, **base_kw)  # e.g. SUBLLM's `retention`
+        dense = dense_flops_per_token(self.cfg, context=(seq_len + 1) / 2, training=training)
+        return self._lte_flops(base, dense, training)
+
+    def decode_flops(self, context: float, **base_kw) -> float:
+        """One decode step (Transformer.decode_flops) with the FFN share scaled as in `flops_per_token`."""
+        from leanlm.model import dense_flops_per_token
+
+        base = super().decode_flops(context, **base_kw)
+        return self._lte_flops(base, dense_flops_per_token(self.cfg, context=context), training=False)
+
+    def _lte_flops(self, base: float, dense: float, training: bool) -> float:
         C, Fd, L = self.cfg.dim, self.cfg.ffn_dim, self.cfg.n_layers
         ffn, router = 6 * C * Fd * L, 2 * C * (Fd // self.cfg.lte.expert_size) * L
-        dense = dense_flops_per_token(self.cfg, context=(seq_len + 1) / 2, training=training)
         frac = base / dense  # tokens through the blocks relative to the dense model (1 unless SUBLLM)
         if training:
             return base + 3 * router * frac

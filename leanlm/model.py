@@ -67,7 +67,11 @@ def rope_inv_freq(cfg: ModelConfig) -> Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for every position up to max_seq_len, computed once in fp32 (HF half-split convention)."""
+    """cos/sin tables for every position up to max_seq_len, computed once in fp32 (HF half-split convention).
+
+    The sin table is stored with the rotation's sign folded in, [-sin, sin] over the two halves, so that applying
+    RoPE needs one `roll` instead of rotate_half's chunk, neg and cat (apply_rope; bit-identical to HF's formula).
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -80,21 +84,18 @@ class RotaryEmbedding(nn.Module):
         inv_freq = rope_inv_freq(self.cfg).to(device)
         t = torch.arange(self.cfg.max_seq_len, device=device).float()
         freqs = torch.outer(t, inv_freq)  # (L, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (L, D)
-        self.cos, self.sin = emb.cos(), emb.sin()
+        self.cos = torch.cat((freqs, freqs), dim=-1).cos()  # (L, D)
+        self.sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)  # (L, D), signed: see the class docstring
 
     def forward(self, pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        # pos: (B or 1, T) absolute positions -> cos, sin: (B or 1, 1, T, D), broadcast over heads
+        # pos: (B or 1, T) absolute positions -> cos, signed sin: (B or 1, 1, T, D), broadcast over heads
         return self.cos[pos].unsqueeze(1).to(dtype), self.sin[pos].unsqueeze(1).to(dtype)
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    return x * cos + rotate_half(x) * sin
+    """HF's x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2, x1]: here [x2, x1] (a roll by D/2) times the
+    signed sin table [-sin, sin] of RotaryEmbedding. x: (B, heads, T, D)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 class KVCache(nn.Module):
@@ -108,10 +109,10 @@ class KVCache(nn.Module):
 
     def update(self, k: Tensor, v: Tensor, start: int) -> tuple[Tensor, Tensor]:
         # k, v: (B, K, T, D) written at slots [start, start+T); returns every filled slot (B, K, start+T, D)
-        end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+        T = k.shape[2]
+        self.k.narrow(2, start, T).copy_(k)  # narrow + copy_: fewer ops than slice assignment (decode is op-bound)
+        self.v.narrow(2, start, T).copy_(v)
+        return self.k.narrow(2, 0, start + T), self.v.narrow(2, 0, start + T)
 
 
 def causal_mask(T: int, S: int, device=None) -> Tensor:
@@ -139,11 +140,10 @@ class Attention(nn.Module):
     ) -> Tensor:
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.qkv_proj(x).split([H * D, K * D, K * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
-        v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.qkv_proj(x).view(B, T, H + 2 * K, D).transpose(1, 2)  # (B, H + 2K, T, D)
+        # q and k rotated in one go: a decode step is bound by the number of ops, not by their size
+        q, k = apply_rope(qkv[:, : H + K], cos, sin).split([H, K], dim=1)  # (B, H, T, D), (B, K, T, D)
+        v = qkv[:, H + K :]  # (B, K, T, D)
         if cache is not None:
             k, v = cache.update(k, v, start)  # (B, K, S, D), S = start + T
         gqa = self.n_heads != self.n_kv_heads
@@ -246,6 +246,11 @@ class Transformer(nn.Module):
         """
         return dense_flops_per_token(self.cfg, context=(seq_len + 1) / 2, training=training)
 
+    def decode_flops(self, context: float) -> float:
+        """Executed FLOPs of one cached decode step of one token that attends to `context` keys (a causal pass
+        averages (seq_len + 1) / 2 keys per token; a step late in generation attends to all of them)."""
+        return dense_flops_per_token(self.cfg, context=context)
+
     # -- inference state ----------------------------------------------------------------------------------------------
 
     def setup_caches(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
@@ -254,11 +259,13 @@ class Transformer(nn.Module):
             from leanlm.errors import LeanLMError
 
             raise LeanLMError(f"{max_len} tokens do not fit the model's context of {self.cfg.max_seq_len}")
-        p = self.embed_tokens.weight
-        dtype = dtype or p.dtype
-        self.caches = [
-            KVCache(batch, max_len, self.cfg.n_kv_heads, self.cfg.head_dim, dtype, p.device) for _ in self.layers
-        ]
+        dtype = dtype or self.embed_tokens.weight.dtype
+        self.caches = [self.new_cache(i, batch, max_len, dtype) for i in range(len(self.layers))]
+
+    def new_cache(self, layer: int, batch: int, max_len: int, dtype: torch.dtype) -> KVCache:
+        """Layer `layer`'s KV cache (methods that cache fewer tokens in some layers override this)."""
+        dev = self.embed_tokens.weight.device
+        return KVCache(batch, max_len, self.cfg.n_kv_heads, self.cfg.head_dim, dtype, dev)
 
     def reset_caches(self) -> None:
         self.caches = None

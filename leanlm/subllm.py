@@ -137,15 +137,34 @@ class StageCache(KVCache):
     """A subsampled layer's KV cache: rows hold different numbers of tokens (only those the layer processed).
 
     When `slots` (B, k) is set, row b's new keys go to slots[b] instead of one shared range; the model sets it (and
-    `end`, the number of slots to return) before running the segment's layers.
+    `end`, the number of slots to return) before running the segment's layers. The cache starts at the slots its
+    stage is expected to need (SubLLM.setup_caches) and grows by half when a stage keeps more, up to `max_len`:
+    the memory saved is the point of a smaller cache, and a threshold may keep any number of tokens.
     """
 
     slots: Tensor | None = None
     end: int = 0
 
+    def __init__(self, batch: int, max_len: int, slots: int, n_kv_heads: int, head_dim: int, dtype, device=None):
+        super().__init__(batch, min(slots, max_len), n_kv_heads, head_dim, dtype, device)
+        self.max_len = max_len
+
+    def _reserve(self, end: int) -> None:
+        L = self.k.shape[2]
+        if end <= L:
+            return
+        new = min(self.max_len, max(end, L + L // 2))
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            buf = old.new_zeros(*old.shape[:2], new, old.shape[3])  # (B, K, new, D)
+            buf.narrow(2, 0, L).copy_(old)
+            setattr(self, name, buf)
+
     def update(self, k: Tensor, v: Tensor, start: int) -> tuple[Tensor, Tensor]:
         if self.slots is None:
+            self._reserve(start + k.shape[2])
             return super().update(k, v, start)
+        self._reserve(self.end)
         rows = torch.arange(k.shape[0], device=k.device).unsqueeze(1)  # (B, 1)
         self.k[rows, :, self.slots] = k.transpose(1, 2)  # (B, k, K, D) into (B, K, L, D) at per-row slots
         self.v[rows, :, self.slots] = v.transpose(1, 2)
@@ -249,6 +268,28 @@ class SubLLM(Transformer):
         per_token = total / seq_len
         return 3 * per_token if training else per_token
 
+    def decode_flops(
+        self, context: float, retention: list[float] | None = None, cached: list[float] | None = None
+    ) -> float:
+        """Executed FLOPs of one decode step (see Transformer.decode_flops). A step enters stage j with probability
+        the product of `retention` up to j (the kept fraction of the decoded tokens per stage), and stage j's layers
+        then attend to the `context` tokens times the product of `cached` (the kept fraction of everything in the
+        caches, mostly the prompt; default `retention`). Without either: the training keep ratio."""
+        cfg = self.cfg
+        r = retention or [self.sub.keep] * len(self.stages)
+        enter = self.stage_lengths(1, r)  # probability of reaching each stage
+        keys = self.stage_lengths(context, cached or r)  # keys each stage's layers attend to
+        one_layer = cfg.replace(n_layers=1, subllm=None)
+        head = 2 * cfg.dim * cfg.vocab_size
+        total = head
+        for i in range(cfg.n_layers):
+            st = self.stage_of_layer[i]
+            p, n = (1.0, context) if st < 0 else (enter[st], keys[st])
+            total += p * (dense_flops_per_token(one_layer, context=n) - head)
+        for parent in self.parent:
+            total += 2 * cfg.dim * (1.0 if parent < 0 else enter[parent])  # the scorer
+        return total
+
     def retention(self) -> list[float]:
         """Fraction of the tokens reaching each stage that it kept, over the forwards since `reset_retention`."""
         kept, seen = self.retention_counts.unbind(1)
@@ -279,12 +320,17 @@ class SubLLM(Transformer):
 
     def setup_caches(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
         super().setup_caches(batch, max_len, dtype)
-        p = self.embed_tokens.weight
-        dtype = dtype or p.dtype
-        for i, depth in enumerate(self.depth_of_layer):
-            if depth:
-                self.caches[i] = StageCache(batch, max_len, self.cfg.n_kv_heads, self.cfg.head_dim, dtype, p.device)
         self._lens = [[0] * batch for _ in self.stages]
+
+    def new_cache(self, layer: int, batch: int, max_len: int, dtype: torch.dtype) -> KVCache:
+        st = self.stage_of_layer[layer]
+        if st < 0:
+            return super().new_cache(layer, batch, max_len, dtype)
+        # a stage keeps about `keep` of what reaches it: its caches start at that share (+ 64 slots, so that short
+        # prompts and the first decoded tokens never reallocate) and StageCache grows them if a stage keeps more
+        slots = math.ceil(self.stage_lengths(max_len, [self.sub.keep] * len(self.stages))[st]) + 64
+        cfg, dev = self.cfg, self.embed_tokens.weight.device
+        return StageCache(batch, max_len, slots, cfg.n_kv_heads, cfg.head_dim, dtype, dev)
 
     def reset_caches(self) -> None:
         super().reset_caches()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -52,6 +53,23 @@ def test_without_parentheses_is_the_baseline_bit_for_bit():
     staged = subllm("T(T)T", sharpen=1.0)
     for k, v in Transformer(staged.cfg.replace(subllm=None)).init_weights(0).state_dict().items():
         assert torch.equal(v, staged.state_dict()[k]), k
+
+
+def test_decode_flops_cost_one_step_at_its_context_and_retention():
+    """A decode step attends to every cached key; a SUBLLM step enters stage j with the product of the decoded
+    tokens' retention and its layers attend to the context times the product of the caches' retention."""
+    m = subllm("T(T(T)T)T")
+    cfg, C = m.cfg, m.cfg.dim
+    dense = Transformer(cfg.replace(subllm=None))
+    one = Transformer(cfg.replace(subllm=None, n_layers=1))
+    head = 2 * C * cfg.vocab_size
+    layer = lambda n: one.decode_flops(n) - head  # noqa: E731
+    assert dense.decode_flops(100) == pytest.approx(head + 5 * layer(100))
+    assert dense.decode_flops(100) > dense.flops_per_token(100)  # a causal pass averages 50.5 keys per token
+    scorers = 2 * C * (1 + 0.5)
+    want = head + 2 * layer(100) + 0.5 * 2 * layer(100 * 0.8) + 0.5 * 0.25 * layer(100 * 0.8 * 0.4) + scorers
+    assert m.decode_flops(100, retention=[0.5, 0.25], cached=[0.8, 0.4]) == pytest.approx(want)
+    assert m.decode_flops(100, retention=[1.0, 1.0]) == pytest.approx(dense.decode_flops(100) + 2 * C * 2)
 
 
 def test_training_selection_upsampling_bypass_and_positions():
@@ -130,6 +148,40 @@ def test_cached_decode_equals_full_forward(lengths):
             got = torch.stack([st[r] for st in steps])
             assert (full - got).abs().max() <= 1e-4
     assert 0.1 < m.retention()[0] < 0.9
+
+
+def test_stage_caches_start_at_their_share_and_grow_exactly():
+    """Stage caches are allocated for `keep` of what reaches them (+ 64 slots) and grow when a stage keeps more:
+    here a threshold that keeps every token, prefilled in chunks, then decoded; logits equal one full forward."""
+    torch.manual_seed(2)
+    m = subllm("T(T(T)T)T", threshold=-1e9).eval()
+    x = torch.randint(0, 512, (1, 256))
+    with torch.no_grad():
+        m.setup_caches(1, 256)
+        stage1, stage2 = m.caches[1], m.caches[2]
+        assert stage1.k.shape[2] == math.ceil(256 * 0.64) + 64 and stage2.k.shape[2] == math.ceil(256 * 0.64**2) + 64
+        got = [m(x[:, s : s + 80], start=s) for s in (0, 80, 160)]  # the third chunk grows both stages' caches
+        got += [m(x[:, s : s + 1], start=s) for s in range(240, 256)]
+        assert stage1.k.shape[2] == stage2.k.shape[2] == 256  # grown, capped at max_len
+        m.reset_caches()
+        assert (torch.cat(got, 1) - m(x)).abs().max() <= 1e-4
+    assert m.retention() == [1.0, 1.0]
+    # rows of different lengths write at per-row slots: growth on that path keeps each row exact too
+    prompts = [x[0, :200].tolist(), x[0, 50:200].tolist()]
+    batch = pad_batch(prompts, 250)
+    with torch.no_grad():
+        m.setup_caches(2, 250)
+        logits = m(batch.idx, pos=batch.pos[:, :200], start=0, mask=batch.prefill_mask)
+        assert m.caches[1].k.shape[2] == math.ceil(250 * 0.64) + 64 == 224
+        for s in range(200, 249):  # the rows' stage caches pass 224 slots at s = 223 (row 0)
+            tok = logits[:, -1:].argmax(-1)  # (2, 1)
+            logits = m(tok, pos=batch.pos[:, s : s + 1], start=s, mask=batch.key_ok[..., : s + 1])
+            for r, p in enumerate(prompts):
+                prompts[r] = p + [int(tok[r])]
+        assert m.caches[1].k.shape[2] == 250
+        m.reset_caches()
+        for r, p in enumerate(prompts):
+            assert (m(torch.tensor([p]))[0, -1] - logits[r, -1]).abs().max() <= 1e-4
 
 
 def test_batched_generation_is_exact_per_row():
