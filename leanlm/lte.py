@@ -14,17 +14,22 @@ gate rows), permuted so every expert is contiguous, and given a linear router wi
 
 Layout (why it is interleaved): `gate_up_proj.weight` (2F, C) holds, per expert e, its E gate rows then its E up rows
 ([g_0; u_0; g_1; u_1; ...]), so one expert's gate/up weights are one block. Under `model.decode_layout` (generate on a
-CPU) weights are column-major: gate_up_proj.weight.t() is a contiguous (C, 2F) matrix whose rows split into (C * n)
-rows of 2E values, one per (input channel, expert); down_proj.weight.t() is the contiguous transposed down projection
-(F, C). Decode then gathers exactly the selected experts' values with two `embedding_bag` calls (a fused
-gather-and-weighted-sum kernel), reading no unselected weight. `grouping` (F,) stores each position's original neuron.
+CPU) the gate/up weights move into an expert-major table (n, C, 2E): expert e's transposed block W_e^T, one
+contiguous 2E x C run, whose rows are (input channel c, expert e) vectors of 2E values; down_proj.weight is
+column-major, so down_proj.weight.t() is the contiguous transposed down projection (F, C). Decode then gathers
+exactly the selected experts' values with two `embedding_bag` calls (a fused gather-and-weighted-sum kernel),
+reading no unselected weight and each expert's weights as one contiguous stream (1.3x faster at 50% sparsity than
+the column-major (C, 2F) rows, whose 2E-value pieces of one expert lie 2F values apart; docs/results.md).
+`grouping` (F,) stores each position's original neuron.
 
 Shapes: N tokens, C model width, F FFN width, n experts, E expert size (F = n * E).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +45,9 @@ TAU = 0.5  # score threshold: the paper uses 0.5 in every experiment
 class LTEMLP(nn.Module):
     """SwiGLU FFN split into n experts of E neurons with a sigmoid router (see the module docstring for the layout)."""
 
-    # decode: above this fraction of experts on, the dense FFN with a mask beats the gathers on a 2-core CPU (SmolLM2
-    # shapes: gathers 1.16x faster than dense at 50% on, 1.46x at 25%, break-even near 60%; docs/results.md, LTE)
+    # one-token inference outside decode_layout (row-major weights, e.g. bf16) copies the selected experts' blocks
+    # out; above this fraction of experts on, the whole FFN with a mask is cheaper. Inside decode_layout the expert
+    # table is read in place at every fraction (not slower than dense even with all experts on; docs/results.md)
     DENSE_ABOVE = 0.6
 
     def __init__(self, dim: int, ffn_dim: int, lte: LTEConfig):
@@ -60,7 +66,8 @@ class LTEMLP(nn.Module):
         self.set_stage(lte.stage)
         self.scores: Tensor | None = None  # stage-1 scores of the last training forward, for aux_loss
         self.magnitude_keep: float | None = None  # training-free baseline: keep this fraction of experts by |h|
-        self._index: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}  # decode gather indices per device
+        self._index: dict[torch.device, tuple[Tensor, ...]] = {}  # decode gather indices per device
+        self._experts: Tensor | None = None  # (n, C, 2E) gate/up table while in decode_layout (module docstring)
         self.reset_stats()
 
     def set_stage(self, stage: int) -> None:
@@ -90,8 +97,39 @@ class LTEMLP(nn.Module):
         return self.router(x) + self.router_offset  # (..., n); score = sigmoid(logit) > 0.5 iff logit > 0
 
     def hidden(self, x: Tensor) -> Tensor:
-        gu = self.gate_up_proj(x).unflatten(-1, (self.n, 2, self.E))  # (..., n, 2, E)
+        gu = self._gate_up(x)  # (..., n, 2, E)
         return F.silu(gu[..., 0, :]) * gu[..., 1, :]  # (..., n, E)
+
+    def _gate_up(self, x: Tensor, sel: Tensor | None = None) -> Tensor:
+        """Gate/up pre-activations (..., k, 2, E) of the experts `sel` (k,), or of all n, in either layout."""
+        if self._experts is not None:  # decode_layout: (n, C, 2E) table
+            w = self._experts if sel is None else self._experts[sel]  # (k, C, 2E)
+            gu = torch.matmul(x.reshape(-1, x.shape[-1]), w)  # (k, N, 2E) (einsum here: 3x slower)
+            return gu.transpose(0, 1).reshape(*x.shape[:-1], -1, 2, self.E)
+        w = self.gate_up_proj.weight
+        if sel is not None:
+            w = w.view(self.n, 2 * self.E, -1)[sel].flatten(0, 1)  # (k * 2E, C)
+        return F.linear(x, w).unflatten(-1, (-1, 2, self.E))
+
+    @contextlib.contextmanager
+    def decode_layout(self) -> Iterator[None]:
+        """Entered by `model.decode_layout` (after it made the Linear weights column-major): the gate/up weights
+        live in the (n, C, 2E) expert table instead of `gate_up_proj.weight`, which holds no data meanwhile (any
+        use of it fails loudly), so decode reads each expert as one block without keeping a second copy."""
+        p = self.gate_up_proj.weight
+        if p.dtype != torch.float32:  # decode_layout leaves other dtypes row-major (see there)
+            yield
+            return
+        C = p.shape[1]
+        with torch.inference_mode(False), torch.no_grad():
+            self._experts = p.data.t().reshape(C, self.n, 2 * self.E).transpose(0, 1).contiguous()  # (n, C, 2E)
+            p.data = p.data.new_empty(0)
+        try:
+            yield
+        finally:
+            with torch.inference_mode(False), torch.no_grad():
+                p.data = self._experts.transpose(1, 2).reshape(2 * self.n * self.E, C)  # (2F, C) row-major
+            self._experts = None
 
     def forward(self, x: Tensor) -> Tensor:
         logits = self.logits(x)  # (B, T, n)
@@ -117,16 +155,15 @@ class LTEMLP(nn.Module):
             sel = on.view(-1).nonzero().view(-1)  # (k,) selected experts
             self.stat_active += sel.numel()
             self.stat_computed += sel.numel()
-            if sel.numel() > self.DENSE_ABOVE * self.n:  # most experts on: the whole FFN with a mask beats gathers
-                return self._scaled(x, on)
+            if self._experts is None and sel.numel() > self.DENSE_ABOVE * self.n:
+                return self._scaled(x, on)  # most experts on: the whole FFN with a mask beats copying them out
             return self._decode(x.view(C), sel).view(1, 1, C)
         self.stat_active += int(on.sum())
         sel = on.flatten(0, 1).any(0).nonzero().view(-1)  # (k,) union over the tokens
         self.stat_computed += sel.numel() * B * T
         if sel.numel() == self.n:
             return self._scaled(x, on)
-        w_gu = self.gate_up_proj.weight.view(self.n, 2 * self.E, C)[sel].flatten(0, 1)  # (k * 2E, C)
-        gu = F.linear(x, w_gu).unflatten(-1, (-1, 2, self.E))  # (B, T, k, 2, E)
+        gu = self._gate_up(x, sel)  # (B, T, k, 2, E)
         h = F.silu(gu[..., 0, :]) * gu[..., 1, :] * on[..., sel].unsqueeze(-1)  # (B, T, k, E)
         w_d = self.down_proj.weight.view(C, self.n, self.E)[:, sel].flatten(1)  # (C, k * E)
         return F.linear(h.flatten(-2), w_d)  # (B, T, C)
@@ -140,33 +177,38 @@ class LTEMLP(nn.Module):
         C, k, E = x.shape[0], sel.numel(), self.E
         if k == 0:
             return x.new_zeros(C)
-        w_gu, w_d = self.gate_up_proj.weight, self.down_proj.weight
-        if not (w_gu.t().is_contiguous() and w_d.t().is_contiguous()):  # row-major (outside decode_layout, or bf16)
-            w_sel = w_gu.view(self.n, 2 * E, C)[sel]  # (k, 2E, C): a copy of the selected blocks only
+        w_d = self.down_proj.weight
+        if self._experts is None or not w_d.t().is_contiguous():  # row-major (outside decode_layout, or bf16)
+            w_sel = self.gate_up_proj.weight.view(self.n, 2 * E, C)[sel]  # (k, 2E, C): a copy of the selected blocks
             gu = (w_sel @ x).view(k, 2, E)
             h = F.silu(gu[:, 0]) * gu[:, 1]  # (k, E)
             return w_d.view(C, self.n, E)[:, sel].flatten(1) @ h.flatten()
-        rows, neurons, starts = self._index.get(x.device) or self._build_index(x.device)
-        # gate/up: bag j sums, over input channels c, x[c] * (row (c, e_j) of the (C * n, 2E) table) = W_e x
-        table = w_gu.t().view(C * self.n, 2 * E)
+        rows, neurons, starts, every_e = self._index.get(x.device) or self._build_index(x.device)
+        # gate/up: bag j sums, over input channels c, x[c] * (row (e_j, c) of the (n * C, 2E) table) = W_e x
+        table = self._experts.view(self.n * C, 2 * E)
         gu = F.embedding_bag(
             rows[sel].view(-1), table, starts[:k], mode="sum", per_sample_weights=x.expand(k, C).reshape(-1)
         ).view(k, 2, E)
         h = F.silu(gu[:, 0]) * gu[:, 1]  # (k, E)
-        # down: one bag summing h[j] * (row j of the transposed down projection (F, C)) over the selected neurons
-        y = F.embedding_bag(neurons[sel].view(-1), w_d.t(), starts[:1], mode="sum", per_sample_weights=h.view(-1))
-        return y.view(C)
+        # down: per expert, a bag summing h[j] * (row j of the transposed down projection (F, C)) over its neurons,
+        # then the sum over experts: embedding_bag parallelises over bags, so one bag would use one core (1.4x slower)
+        # (detached: a weight that requires grad takes embedding_bag's backward-ready kernel, 15% slower)
+        table = w_d.detach().t()  # (F, C)
+        y = F.embedding_bag(neurons[sel].view(-1), table, every_e[:k], mode="sum", per_sample_weights=h.view(-1))
+        return y.sum(0)  # (k, C) -> (C,)
 
-    def _build_index(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    def _build_index(self, device: torch.device) -> tuple[Tensor, ...]:
         """Decode gather indices, built once per device (not buffers: models are built on the meta device)."""
-        C = self.gate_up_proj.weight.shape[1]
+        C = self.down_proj.weight.shape[0]
         channels = torch.arange(C, device=device)
         experts = torch.arange(self.n, device=device)
-        rows = channels.unsqueeze(0) * self.n + experts.unsqueeze(1)  # (n, C): table row of (channel c, expert e)
+        rows = experts.unsqueeze(1) * C + channels.unsqueeze(0)  # (n, C): table row of (expert e, channel c)
         neurons = torch.arange(self.n * self.E, device=device).view(self.n, self.E)  # (n, E)
-        starts = torch.arange(0, self.n * C, C, device=device)  # (n,) bag offsets
-        self._index[device] = rows, neurons, starts
-        return rows, neurons, starts
+        starts = torch.arange(0, self.n * C, C, device=device)  # (n,) gate/up bag offsets: C rows per expert
+        every_e = torch.arange(0, self.n * self.E, self.E, device=device)  # (n,) down bag offsets: E rows each
+        # int32: half the bytes of the per-token index copy (rows[sel] is k * C entries)
+        self._index[device] = tuple(t.to(torch.int32) for t in (rows, neurons, starts, every_e))
+        return self._index[device]
 
     def _magnitude(self, x: Tensor) -> Tensor:
         """Training-free baseline (TEAL/Deja-Vu style oracle): per token keep the experts with the largest mean

@@ -317,7 +317,11 @@ def decode_layout(model: nn.Module) -> Iterator[None]:
         for p in changed:
             p.data = p.data.t().contiguous().t()
     try:
-        yield
+        with contextlib.ExitStack() as stack:  # modules with a layout of their own (LTE's experts) switch after
+            for m in model.modules():
+                if hasattr(m, "decode_layout"):
+                    stack.enter_context(m.decode_layout())
+            yield
     finally:
         with torch.inference_mode(False), torch.no_grad():
             for p in changed:

@@ -106,7 +106,7 @@ def test_stage2_hard_mask_equals_masked_dense():
         torch.testing.assert_close(m.mlp(x), masked_dense_mlp(d.mlp, m.mlp, x, on), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kept", [0.25, 0.9])  # the gather path and the masked-dense path of one-token decode
+@pytest.mark.parametrize("kept", [0.25, 0.9, 1.0])  # row-major: block copies below DENSE_ABOVE, masked dense above
 def test_decode_ffn_both_paths_equal_masked_dense(kept):
     dense = dense_model()
     lte = to_lte(dense)
@@ -115,8 +115,13 @@ def test_decode_ffn_both_paths_equal_masked_dense(kept):
     on = torch.zeros(1, 1, m.n, dtype=torch.bool)
     on[..., torch.randperm(m.n)[: max(1, round(kept * m.n))]] = True
     assert (on.float().mean() > m.DENSE_ABOVE) == (kept > m.DENSE_ABOVE)
-    with torch.no_grad(), decode_layout(lte):
-        torch.testing.assert_close(m.infer(x, on), masked_dense_mlp(d, m, x, on), atol=1e-5, rtol=1e-5)
+    ref = masked_dense_mlp(d, m, x, on)
+    with torch.no_grad():
+        torch.testing.assert_close(m.infer(x, on), ref, atol=1e-5, rtol=1e-5)
+        with decode_layout(lte):  # the expert table at every fraction
+            assert m._experts is not None and m.gate_up_proj.weight.numel() == 0
+            torch.testing.assert_close(m.infer(x, on), ref, atol=1e-5, rtol=1e-5)
+    assert m._experts is None and torch.equal(m.gate_up_proj.weight, to_lte(dense).layers[0].mlp.gate_up_proj.weight)
 
 
 @pytest.mark.parametrize("layout", ["row-major", "decode_layout"])
@@ -131,7 +136,7 @@ def test_sparse_inference_ffn_equals_masked_dense(layout, tokens):
     ref = masked_dense_mlp(d, m, x, on)
     with torch.no_grad(), decode_layout(lte) if layout == "decode_layout" else torch.no_grad():
         if layout == "decode_layout":
-            assert m.gate_up_proj.weight.t().is_contiguous()
+            assert m._experts is not None and m.down_proj.weight.t().is_contiguous()
         torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(m.infer(x, torch.zeros_like(on)), torch.zeros_like(x))  # no expert selected
     assert m.stat_tokens == 2 * x.shape[0] * x.shape[1]
