@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from leanlm.config import LTEConfig, ModelConfig
 from leanlm.errors import LeanLMError
-from leanlm.model import MLP, Transformer
+from leanlm.model import MLP, Transformer, dense_flops_per_token
 
 TAU = 0.5  # score threshold: the paper uses 0.5 in every experiment
 
@@ -289,16 +289,12 @@ class LTEHooks:
         added there. At inference the FFN FLOPs saved are (1 - lte_ffn_cost) of the dense FFN's, scaled by the base
         model's executed fraction of dense work (SUBLLM runs fewer tokens through its inner blocks).
         """
-        from leanlm.model import dense_flops_per_token
-
         base = super().flops_per_token(seq_len, training=training, **base_kw)  # e.g. SUBLLM's `retention`
         dense = dense_flops_per_token(self.cfg, context=(seq_len + 1) / 2, training=training)
         return self._lte_flops(base, dense, training)
 
     def decode_flops(self, context: float, **base_kw) -> float:
         """One decode step (Transformer.decode_flops) with the FFN share scaled as in `flops_per_token`."""
-        from leanlm.model import dense_flops_per_token
-
         base = super().decode_flops(context, **base_kw)
         return self._lte_flops(base, dense_flops_per_token(self.cfg, context=context), training=False)
 

@@ -254,18 +254,8 @@ class SubLLM(Transformer):
         """Executed FLOPs per token (see Transformer.flops_per_token): each block runs on the tokens of its stage and
         attends to (n+1)/2 of them on average; plus the scorers. `retention` (kept fraction per stage, as measured
         at inference) replaces the training-time top-k lengths."""
-        cfg = self.cfg
-        lengths = self.stage_lengths(seq_len, retention)
-        one_layer = cfg.replace(n_layers=1, subllm=None)
-        head = 2 * cfg.dim * cfg.vocab_size
-        total = head * seq_len
-        for i in range(cfg.n_layers):
-            st = self.stage_of_layer[i]
-            n = seq_len if st < 0 else lengths[st]
-            total += n * (dense_flops_per_token(one_layer, context=(n + 1) / 2) - head)
-        for parent in self.parent:
-            total += 2 * cfg.dim * (seq_len if parent < 0 else lengths[parent])  # the scorer
-        per_token = total / seq_len
+        lengths = [*self.stage_lengths(seq_len, retention), seq_len]
+        per_token = self._executed(lengths, [(n + 1) / 2 for n in lengths]) / seq_len
         return 3 * per_token if training else per_token
 
     def decode_flops(
@@ -275,19 +265,22 @@ class SubLLM(Transformer):
         the product of `retention` up to j (the kept fraction of the decoded tokens per stage), and stage j's layers
         then attend to the `context` tokens times the product of `cached` (the kept fraction of everything in the
         caches, mostly the prompt; default `retention`). Without either: the training keep ratio."""
-        cfg = self.cfg
         r = retention or [self.sub.keep] * len(self.stages)
-        enter = self.stage_lengths(1, r)  # probability of reaching each stage
-        keys = self.stage_lengths(context, cached or r)  # keys each stage's layers attend to
+        enter = [*self.stage_lengths(1, r), 1.0]  # probability of reaching each stage
+        keys = [*self.stage_lengths(context, cached or r), context]  # keys each stage's layers attend to
+        return self._executed(enter, keys)
+
+    def _executed(self, tokens: list[float], keys: list[float]) -> float:
+        """FLOPs of the blocks, scorers and lm head when stage j's layers run on tokens[j] tokens that each attend to
+        keys[j] keys; the last entry of both (index -1, the stage of an outer layer) is the full sequence."""
+        cfg = self.cfg
         one_layer = cfg.replace(n_layers=1, subllm=None)
         head = 2 * cfg.dim * cfg.vocab_size
-        total = head
-        for i in range(cfg.n_layers):
-            st = self.stage_of_layer[i]
-            p, n = (1.0, context) if st < 0 else (enter[st], keys[st])
-            total += p * (dense_flops_per_token(one_layer, context=n) - head)
+        total = head * tokens[-1]
+        for st in self.stage_of_layer:
+            total += tokens[st] * (dense_flops_per_token(one_layer, context=keys[st]) - head)
         for parent in self.parent:
-            total += 2 * cfg.dim * (1.0 if parent < 0 else enter[parent])  # the scorer
+            total += 2 * cfg.dim * tokens[parent]  # the scorer, on the tokens of the enclosing level
         return total
 
     def retention(self) -> list[float]:
