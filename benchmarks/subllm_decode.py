@@ -69,7 +69,9 @@ def main() -> None:
     models = {"A": load_model(args.model)[0].eval(), "B": load_model(args.dense)[0].eval()}
     val = TokenDataset(args.data, "val").tokens
     need = args.prompt_len + args.steps
-    if args.prompts < 1 or len(val) < args.prompts * need:
+    if args.prompts < 1:
+        sys.exit(f"error: --prompts must be at least 1 (got {args.prompts})")
+    if len(val) < args.prompts * need:
         sys.exit(f"error: {args.prompts} prompts of {need} tokens need more than the {len(val)} validation tokens")
     gap = (len(val) - need) // max(args.prompts - 1, 1)
     windows = [val[i * gap : i * gap + need] for i in range(args.prompts)]

@@ -349,3 +349,22 @@ def test_bench_text_errors_are_one_line(tmp_path, capsys):
     rc = main([*bench, "--text", str(tmp_path / "data")])  # 1024 token ids for the tiny model's 512
     err = capsys.readouterr().err
     assert rc == 2 and "but the model has 512" in err and err.count("\n") == 1
+
+
+def test_decode_benchmark_prompt_errors_are_one_line(tmp_path):
+    """benchmarks/subllm_decode.py: --prompts below 1, or more prompts than the validation split holds, fail in one
+    line naming the problem."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from leanlm.data import prepare
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(" ".join(f"w{i * 7919 % 100003}" for i in range(20000)))
+    prepare([str(corpus)], tmp_path / "data", tokenizer=None, vocab_size=512, progress=False)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "subllm_decode.py"
+    for prompts, message in (("0", "--prompts must be at least 1"), ("100000", "validation tokens")):
+        cmd = [sys.executable, str(script), "tiny", "tiny", "--data", str(tmp_path / "data"), "--prompts", prompts]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
