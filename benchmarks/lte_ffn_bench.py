@@ -1,13 +1,15 @@
-"""FFN-block decode latency: dense SwiGLU vs LTE's sparse decode FFN vs plain torch indexing, at several sparsities.
+"""FFN-block decode latency: dense SwiGLU vs LTE's sparse decode FFN (PyTorch and fused C++) vs plain torch indexing.
 
-    python benchmarks/lte_ffn_bench.py --preset smollm2-135m --sparsity 0.25,0.5,0.75 --repeats 7
+    python benchmarks/lte_ffn_bench.py --preset smollm2-135m --sparsity 0.0,0.25,0.5,0.75 --repeats 7
 
 One token (batch-1 decode) through every layer's FFN, with the weights in the decode layout `generate` uses on a CPU
-(`model.decode_layout`, column-major). Variants, measured alternately in one process (order reversed every repeat):
-dense = the baseline MLP; lte = LTEMLP.infer with the router's own cost included (router matmul + threshold) and
-a random expert mask of the given sparsity per layer; index = the same selection through index_select copies of
-row-major weights (the "vanilla PyTorch indexed matmul" of the paper's Fig. 8). Reports median ms per token for all
-layers and the speed-up dense / variant per repeat (median [min, max]).
+(`model.decode_layout`, column-major). The routers are random, with per-expert offsets set so that each expert is
+off for the given fraction of the tokens (so the selection varies per token, as a trained router's does). Variants,
+measured alternately in one process (order reversed every repeat), every one routing with its router:
+dense = the baseline MLP; torch = LTEMLP with model.lte.decode_kernel=torch (two embedding_bags); cpp = the fused
+C++ kernel (decode_kernel=cpp); index = the same selection through index_select copies of row-major weights (the
+"vanilla PyTorch indexed matmul" of the paper's Fig. 8). Reports median ms per token for all layers and the
+speed-up dense / variant per repeat (median [min, max]).
 """
 
 from __future__ import annotations
@@ -37,41 +39,56 @@ def main() -> None:
     L, C = cfg.n_layers, cfg.dim
     torch.manual_seed(0)
     dense = torch.nn.ModuleList(MLP(C, cfg.ffn_dim) for _ in range(L)).eval()
-    lte = torch.nn.ModuleList(LTEMLP(C, cfg.ffn_dim, LTEConfig()) for _ in range(L)).eval()
-    index = torch.nn.ModuleList(LTEMLP(C, cfg.ffn_dim, LTEConfig()) for _ in range(L)).eval()  # stays row-major
-    for m in [*dense, *lte, *index]:
+    kinds = {"torch": LTEConfig(), "cpp": LTEConfig(decode_kernel="cpp"), "index": LTEConfig()}  # index: row-major
+    lte = {k: torch.nn.ModuleList(LTEMLP(C, cfg.ffn_dim, c) for _ in range(L)).eval() for k, c in kinds.items()}
+    for m in [*dense, *lte["torch"]]:
         for p in m.parameters():
             p.data.normal_(0, 0.02)
+    for k in ("cpp", "index"):  # the same weights and routers in every LTE variant
+        lte[k].load_state_dict(lte["torch"].state_dict())
     xs = torch.randn(args.tokens, 1, 1, C)
-    gen = torch.Generator().manual_seed(1)
+    n = lte["torch"][0].n
 
     def run_dense() -> None:
         for x in xs:
             for m in dense:
                 m(x)
 
-    def run_sparse(mods, masks) -> None:
-        for x, mask in zip(xs, masks):
-            for m, on in zip(mods, mask):
-                m.logits(x)  # the router's cost, as in a real forward (its decision is replaced by `on`)
-                m.infer(x, on)
+    def run_lte(mods) -> None:
+        for x in xs:
+            for m in mods:
+                m(x)
 
+    def run_index(mods) -> None:
+        for x in xs:
+            for m in mods:
+                m.infer(x, m.logits(x) > 0)
+
+    print(f"{args.preset}: {L} layers, C={C}, F={cfg.ffn_dim}, {n} experts of 32; threads {torch.get_num_threads()}")
     print(
-        f"{args.preset}: {L} layers, C={C}, F={cfg.ffn_dim}, {lte[0].n} experts of 32; "
-        f"threads {torch.get_num_threads()}"
+        "| sparsity | measured | dense ms/token | torch ms/token | cpp ms/token | index ms/token | dense/torch "
+        "| dense/cpp | dense/index |"
     )
-    print("| sparsity | dense ms/token | LTE ms/token | index ms/token | dense/LTE | dense/index |")
-    print("|---|---|---|---|---|---|")
-    with torch.inference_mode(), decode_layout(dense), decode_layout(lte):
+    print("|---|---|---|---|---|---|---|---|---|")
+    with torch.inference_mode(), decode_layout(dense), decode_layout(lte["torch"]), decode_layout(lte["cpp"]):
         for s in [float(v) for v in args.sparsity.split(",")]:
-            masks = [[(torch.rand(1, 1, lte[0].n, generator=gen) >= s) for _ in range(L)] for _ in xs]
+            for i in range(L):  # offsets: expert e is off for a fraction s of the tokens
+                logits = xs.view(-1, C) @ lte["torch"][i].router.weight.t()  # (tokens, n)
+                off = -torch.quantile(logits, s, dim=0) if s > 0 else torch.full((n,), 1e3)
+                for k in lte:
+                    lte[k][i].router_offset.copy_(off)
+            for mods in lte.values():
+                for m in mods:
+                    m.reset_stats()
             fns = {
                 "dense": run_dense,
-                "lte": lambda m=masks: run_sparse(lte, m),
-                "index": lambda m=masks: run_sparse(index, m),
+                "torch": lambda: run_lte(lte["torch"]),
+                "cpp": lambda: run_lte(lte["cpp"]),
+                "index": lambda: run_index(lte["index"]),
             }
             for f in fns.values():
                 f()
+            measured = sum(m.sparsity() for m in lte["cpp"]) / L
             t = {k: [] for k in fns}
             for r in range(args.repeats):
                 for k in list(fns) if r % 2 == 0 else list(fns)[::-1]:
@@ -85,8 +102,8 @@ def main() -> None:
 
             med = {k: statistics.median(v) for k, v in t.items()}
             print(
-                f"| {s:.2f} | {med['dense']:.2f} | {med['lte']:.2f} | {med['index']:.2f} | {ratio('lte')} "
-                f"| {ratio('index')} |",
+                f"| {s:.2f} | {measured:.3f} | {med['dense']:.2f} | {med['torch']:.2f} | {med['cpp']:.2f} "
+                f"| {med['index']:.2f} | {ratio('torch')} | {ratio('cpp')} | {ratio('index')} |",
                 flush=True,
             )
 

@@ -14,6 +14,7 @@ prompts are taken at `--prompts` evenly spaced offsets of the split rather than 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -28,31 +29,42 @@ from leanlm.model import decode_layout
 
 
 @torch.inference_mode()
-def run(model, prompts: list[torch.Tensor], prompt_len: int, steps: int) -> tuple[float, list | None]:
-    """Tokens/s of `steps` cached one-token forwards after an untimed prefill of `prompt_len` tokens, over every
-    prompt (1, prompt_len + steps); and, for a SUBLLM, the (kept, seen) counts per stage of the prefills and of
-    the decoded steps."""
-    counts = getattr(model, "retention_counts", None)
-    prefilled, decoded = (None, None) if counts is None else (torch.zeros_like(counts), torch.zeros_like(counts))
-    elapsed = 0.0
-    with decode_layout(model):
+def run(models: dict, prompts: list[torch.Tensor], prompt_len: int, steps: int) -> tuple[list[dict], dict]:
+    """Per prompt (1, prompt_len + steps): every model prefills `prompt_len` tokens (untimed), then the models take
+    the `steps` cached one-token forwards in turn, step by step (the order flips every step), so both arms see the
+    same load on a shared machine; a quiet spell or a noisy neighbour cannot favour one of them. Returns per prompt
+    the seconds each model spent decoding, and for each SUBLLM the (kept, seen) counts per stage of the prefills
+    and of the decoded steps."""
+    counts = {k: m.retention_counts for k, m in models.items() if hasattr(m, "retention_counts")}
+    kept = {k: [torch.zeros_like(c), torch.zeros_like(c)] for k, c in counts.items()}  # prefilled, decoded
+    seconds = []
+    with contextlib.ExitStack() as stack:
+        for m in models.values():
+            stack.enter_context(decode_layout(m))
         for tokens in prompts:
-            model.setup_caches(1, prompt_len + steps)
+            elapsed = dict.fromkeys(models, 0.0)
             try:
-                before = None if counts is None else counts.clone()
-                model(tokens[:, :prompt_len], last_only=True)
-                if counts is not None:
-                    prefilled += counts - before
-                    before = counts.clone()
-                t0 = time.perf_counter()
+                for k, m in models.items():
+                    m.setup_caches(1, prompt_len + steps)
+                    before = counts[k].clone() if k in counts else None
+                    m(tokens[:, :prompt_len], last_only=True)
+                    if k in counts:
+                        kept[k][0] += counts[k] - before
+                before = {k: c.clone() for k, c in counts.items()}
+                order = list(models)
                 for s in range(prompt_len, prompt_len + steps):
-                    model(tokens[:, s : s + 1], start=s, last_only=True)
-                elapsed += time.perf_counter() - t0
-                if counts is not None:
-                    decoded += counts - before
+                    for k in order:
+                        t0 = time.perf_counter()
+                        models[k](tokens[:, s : s + 1], start=s, last_only=True)
+                        elapsed[k] += time.perf_counter() - t0
+                    order.reverse()
+                for k, c in counts.items():
+                    kept[k][1] += c - before[k]
             finally:
-                model.reset_caches()
-    return len(prompts) * steps / elapsed, None if counts is None else [prefilled, decoded]
+                for m in models.values():
+                    m.reset_caches()
+            seconds.append(elapsed)
+    return seconds, kept
 
 
 def main() -> None:
@@ -76,16 +88,13 @@ def main() -> None:
     gap = (len(val) - need) // max(args.prompts - 1, 1)
     windows = [val[i * gap : i * gap + need] for i in range(args.prompts)]
     prompts = [torch.from_numpy(w.astype("int64")).unsqueeze(0) for w in windows]
-    tps: dict[str, list[float]] = {k: [] for k in models}
-    for m in models.values():  # warm-up
-        run(m, prompts[:1], args.prompt_len, min(args.steps, 16))
-    counts = None
-    for r in range(args.repeats):
-        for k in list(models) if r % 2 == 0 else list(models)[::-1]:
-            t, c = run(models[k], prompts, args.prompt_len, args.steps)
-            tps[k].append(t)
-            if k == "A" and c is not None:
-                counts = c  # the same every repeat: selection is deterministic
+    run(models, [p[:, : args.prompt_len + 16] for p in prompts[:1]], args.prompt_len, 16)  # warm-up
+    seconds: list[dict] = []  # per repeat: each model's decoding time summed over the prompts
+    for _ in range(args.repeats):
+        per_prompt, kept_r = run(models, prompts, args.prompt_len, args.steps)
+        seconds.append({k: sum(s[k] for s in per_prompt) for k in models})
+    counts = kept_r.get("A")  # the same every repeat: selection is deterministic
+    tps = {k: [args.prompts * args.steps / s[k] for s in seconds] for k in models}
     names = ("decode_cached", "decode")  # retention of the prompts (what the caches hold) and of the decoded steps
     kept = {} if counts is None else {k: (c[:, 0] / c[:, 1]).tolist() for k, c in zip(names, counts)}
     retention = kept.get("decode")
@@ -93,7 +102,7 @@ def main() -> None:
         "A": _flops(models["A"], ["decode"], 0, args.prompt_len, args.steps, kept)["decode"],
         "B": _flops(models["B"], ["decode"], 0, args.prompt_len, args.steps)["decode"],
     }
-    ratios = [x / y for x, y in zip(tps["A"], tps["B"])]
+    ratios = [s["B"] / s["A"] for s in seconds]  # per repeat; both arms decoded every prompt step by step in turn
     res = {
         "A": {
             "ref": args.model,

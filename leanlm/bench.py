@@ -400,6 +400,7 @@ def run_bench(
     threads: int | None = None,
     device: str | None = None,
     text: str | None = None,
+    overrides: dict | None = None,
 ) -> dict:
     """Benchmark model reference `model` (A), alone or against `vs` (B: a model reference, or "hf").
 
@@ -408,7 +409,8 @@ def run_bench(
     per measurement in `what`, each variant's tokens/s summary (median, min, max, samples) and peak extra memory
     (max over repeats), plus `ratio`: A tokens/s / B tokens/s per repeat (> 1 means A, the --model, is faster), and
     `flop_ratio`: B's executed FLOPs per token / A's, the speed-up that the skipped work alone would give.
-    `text`: a prepared data directory whose validation tokens replace the random ids.
+    `text`: a prepared data directory whose validation tokens replace the random ids. `overrides`: ModelConfig
+    fields changed in A at load (checkpoint.model_overrides).
     """
     global TEXT_TOKENS
     from leanlm.checkpoint import load_model
@@ -423,7 +425,7 @@ def run_bench(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     _check_args(what, seq_len, batch, prompt_len, new_tokens, repeats, warmup)
-    model_a = load_model(model, dtype=dtype)[0].to(dev)
+    model_a = load_model(model, dtype=dtype, overrides=overrides)[0].to(dev)
     TEXT_TOKENS = load_text_tokens(text, model_a.cfg.vocab_size) if text else None
     _check_context(model_a, model, what, seq_len, prompt_len, new_tokens)
     flops_a = _flops(model_a, what, seq_len, prompt_len, new_tokens)

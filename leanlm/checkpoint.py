@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from leanlm.config import METHODS, PRESETS, PRETRAINED_PRESETS, ModelConfig, preset
+from leanlm.config import METHODS, PRESETS, PRETRAINED_PRESETS, ModelConfig, merge_preset
 from leanlm.errors import LeanLMError
 from leanlm.model import Transformer, torch_dtype
 from leanlm.tokenizer import Tokenizer
@@ -150,12 +150,33 @@ def read_config(path: Path) -> dict:
     return meta
 
 
+def model_overrides(sets: list[str] | tuple[str, ...]) -> dict:
+    """`--set model.KEY=VALUE` items (values parsed as YAML) as a nested dict of ModelConfig fields, e.g.
+    ["model.lte.decode_kernel=cpp"] -> {"lte": {"decode_kernel": "cpp"}}."""
+    from leanlm.train import apply_overrides
+
+    raw = apply_overrides({}, list(sets))
+    other = sorted(set(raw) - {"model"})
+    if other:
+        raise LeanLMError(f"--set {other[0]}.*: only model.* keys apply when loading a model")
+    return raw.get("model", {})
+
+
+def _with_overrides(model_cfg: dict, overrides: dict, where: str) -> dict:
+    """A model section with `overrides` merged in; a method section can be changed, not added."""
+    for k, v in overrides.items():
+        if isinstance(v, dict) and not isinstance(model_cfg.get(k), dict):
+            raise LeanLMError(f"--set model.{k}.*: {where} has no {k} section to change")
+    return merge_preset(model_cfg, overrides)
+
+
 def load_checkpoint(
-    path: str | Path, dtype: str | None = None, expect_arch: str | None = None
+    path: str | Path, dtype: str | None = None, expect_arch: str | None = None, overrides: dict | None = None
 ) -> tuple[Transformer, Tokenizer | None]:
     """Load a leanlm checkpoint directory, as whatever architecture it holds (see `build_model`).
 
     `expect_arch` (e.g. "llama") refuses any other architecture, e.g. a SUBLLM where a dense model is required.
+    `overrides`: ModelConfig fields changed at load (`model_overrides`), e.g. an inference threshold or kernel.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -167,7 +188,8 @@ def load_checkpoint(
     arch = meta.get("arch", "llama")
     if expect_arch is not None and arch != expect_arch:
         raise LeanLMError(f"{path}: a {arch!r} checkpoint cannot be loaded as {expect_arch!r}")
-    cfg = ModelConfig.from_dict(meta["model"], where=f"{path}/config.json: model")
+    model_cfg = _with_overrides(meta["model"], overrides, str(path)) if overrides else meta["model"]
+    cfg = ModelConfig.from_dict(model_cfg, where=f"{path}/config.json: model")
     if cfg.arch != arch:
         raise LeanLMError(f"{path}/config.json: says arch {arch!r} but its model section describes {cfg.arch!r}")
     wfile = path / "model.safetensors"
@@ -190,18 +212,23 @@ def check_tokenizer_fits(tok: Tokenizer, vocab_size: int, where: str = "") -> No
         raise LeanLMError(f"{where}tokenizer has {tok.vocab_size} tokens but the model's vocabulary is {vocab_size}")
 
 
-def load_model(ref: str, dtype: str | None = None, seed: int = 0) -> tuple[Transformer, Tokenizer | None]:
+def load_model(
+    ref: str, dtype: str | None = None, seed: int = 0, overrides: dict | None = None
+) -> tuple[Transformer, Tokenizer | None]:
     """Resolve a model reference: a preset name, a leanlm checkpoint dir, a HF dir or a .gguf file.
 
-    Presets without published weights give a randomly initialised model (seeded) and no tokenizer.
+    Presets without published weights give a randomly initialised model (seeded) and no tokenizer. `overrides`
+    (`model_overrides`) change ModelConfig fields of a preset or leanlm checkpoint at load.
     """
     from leanlm import hf
 
     path = Path(ref)
+    if overrides and (ref in PRETRAINED_PRESETS or path.is_file() or hf.is_hf_dir(path)) and not is_checkpoint(path):
+        raise LeanLMError(f"--set applies to presets and leanlm checkpoints, not to {ref} (convert it first)")
     if ref in PRESETS and not path.exists():
         if ref in PRETRAINED_PRESETS:
             return hf.load_gguf(hf.smollm2_gguf(), dtype=dtype)
-        cfg = preset(ref)
+        cfg = ModelConfig.from_dict(_with_overrides(PRESETS[ref], overrides or {}, f"preset {ref}"), f"preset {ref}")
         model = build_model(cfg).init_weights(seed=seed)
         return model.to(torch_dtype(dtype or cfg.dtype)).eval(), None
     if not path.exists():
@@ -211,7 +238,7 @@ def load_model(ref: str, dtype: str | None = None, seed: int = 0) -> tuple[Trans
             raise LeanLMError(f"{ref}: not a model (expected a checkpoint directory or a .gguf file)")
         return hf.load_gguf(path, dtype=dtype)
     if is_checkpoint(path):
-        return load_checkpoint(path, dtype=dtype)
+        return load_checkpoint(path, dtype=dtype, overrides=overrides)
     if hf.is_hf_dir(path):
         return hf.load_hf_dir(path, dtype=dtype)
     raise LeanLMError(f"{ref}: not a checkpoint directory (no leanlm or Hugging Face config.json)")

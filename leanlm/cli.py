@@ -33,6 +33,15 @@ def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
         default=None,
         help="compute dtype of the weights (default: the checkpoint's, float32 for GGUF and presets)",
     )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="model.KEY=VALUE",
+        help="change a model setting at load (preset or leanlm checkpoint; with bench, --model only), e.g. "
+        "model.lte.decode_kernel=cpp or model.subllm.threshold=0.1; repeatable",
+    )
 
 
 def _json_arg(p: argparse.ArgumentParser) -> None:
@@ -54,7 +63,7 @@ def _tokenizer_for(args, tok):
 
 
 def cmd_generate(args) -> dict:
-    from leanlm.checkpoint import check_tokenizer_fits, load_model
+    from leanlm.checkpoint import check_tokenizer_fits, load_model, model_overrides
     from leanlm.generate import TextStreamer, generate
 
     prompts = list(args.prompt or [])
@@ -65,7 +74,7 @@ def cmd_generate(args) -> dict:
             raise LeanLMError(f"{args.prompt_file}: cannot read prompts ({e.__class__.__name__})") from None
     if not prompts:
         raise LeanLMError("no prompt: pass --prompt TEXT (repeatable) or --prompt-file FILE")
-    model, tok = load_model(args.model, dtype=args.dtype)
+    model, tok = load_model(args.model, dtype=args.dtype, overrides=model_overrides(args.overrides))
     tok = _tokenizer_for(args, tok)
     check_tokenizer_fits(tok, model.cfg.vocab_size)
     texts = [tok.apply_chat_template([{"role": "user", "content": p}]) if args.chat else p for p in prompts]
@@ -112,13 +121,13 @@ def cmd_generate(args) -> dict:
 
 
 def cmd_eval(args) -> dict:
-    from leanlm.checkpoint import check_tokenizer_fits, load_model
+    from leanlm.checkpoint import check_tokenizer_fits, load_model, model_overrides
     from leanlm.evaluate import evaluate
 
     for d in args.data:  # fail on a bad path before spending seconds loading the model
         if not Path(d).is_file():
             raise LeanLMError(f"{d}: no such file")
-    model, tok = load_model(args.model, dtype=args.dtype)
+    model, tok = load_model(args.model, dtype=args.dtype, overrides=model_overrides(args.overrides))
     tok = _tokenizer_for(args, tok)
     check_tokenizer_fits(tok, model.cfg.vocab_size)
     res = evaluate(
@@ -150,6 +159,7 @@ def cmd_eval(args) -> dict:
 
 def cmd_bench(args) -> dict:
     from leanlm.bench import format_table, run_bench
+    from leanlm.checkpoint import model_overrides
 
     what = [w.strip() for w in args.what.split(",") if w.strip()]  # checked by run_bench before loading
     res = run_bench(
@@ -165,6 +175,7 @@ def cmd_bench(args) -> dict:
         dtype=args.dtype or "float32",
         threads=args.threads,
         text=args.text,
+        overrides=model_overrides(args.overrides),
     )
     if not args.json:
         print(format_table(res))

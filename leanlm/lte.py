@@ -20,6 +20,9 @@ column-major, so down_proj.weight.t() is the contiguous transposed down projecti
 exactly the selected experts' values with two `embedding_bag` calls (a fused gather-and-weighted-sum kernel),
 reading no unselected weight and each expert's weights as one contiguous stream (1.3x faster at 50% sparsity than
 the column-major (C, 2F) rows, whose 2E-value pieces of one expert lie 2F values apart; docs/results.md).
+With `model.lte.decode_kernel = "cpp"` one fused C++ op (lte_decode.cpp) does router, selection, gate/up, SiLU·up
+and down for the token, streaming each selected expert's two blocks once (at 50% sparsity 1.9x faster than the
+dense FFN, the two embedding_bags 1.4x; docs/results.md); "torch" (the default) needs no compiler.
 `grouping` (F,) stores each position's original neuron.
 
 Shapes: N tokens, C model width, F FFN width, n experts, E expert size (F = n * E).
@@ -29,7 +32,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +45,25 @@ from leanlm.errors import LeanLMError
 from leanlm.model import MLP, Transformer, dense_flops_per_token
 
 TAU = 0.5  # score threshold: the paper uses 0.5 in every experiment
+
+
+@functools.cache
+def decode_kernel():
+    """The fused one-token decode FFN (leanlm/lte_decode.cpp), compiled on first use for this CPU (-march=native;
+    torch caches the build under ~/.cache/torch_extensions, so later processes only load it)."""
+    from torch.utils.cpp_extension import load
+
+    if shutil.which("c++") is None:
+        raise LeanLMError("model.lte.decode_kernel=cpp needs a C++ compiler (c++ not found); use decode_kernel=torch")
+    try:
+        return load(
+            name="leanlm_lte_decode",
+            sources=[str(Path(__file__).with_name("lte_decode.cpp"))],
+            extra_cflags=["-O3", "-march=native"],
+        )
+    except Exception as e:  # a compiler or linker error: the log is long, its last line names the failure
+        last = (str(e).strip().splitlines() or ["unknown error"])[-1]
+        raise LeanLMError(f"model.lte.decode_kernel=cpp: building the C++ kernel failed ({last})") from None
 
 
 class LTEMLP(nn.Module):
@@ -68,6 +92,7 @@ class LTEMLP(nn.Module):
         self.magnitude_keep: float | None = None  # training-free baseline: keep this fraction of experts by |h|
         self._index: dict[torch.device, tuple[Tensor, ...]] = {}  # decode gather indices per device
         self._experts: Tensor | None = None  # (n, C, 2E) gate/up table while in decode_layout (module docstring)
+        self._fused: tuple[Tensor, ...] | None = None  # the C++ kernel's weight views while in decode_layout
         self.reset_stats()
 
     def set_stage(self, stage: int) -> None:
@@ -121,17 +146,27 @@ class LTEMLP(nn.Module):
             yield
             return
         C = p.shape[1]
+        fused = self.lte.decode_kernel == "cpp" and p.device.type == "cpu"
+        if fused:
+            decode_kernel()  # build (or load) it first: a failure is one error, before any weight has moved
         with torch.inference_mode(False), torch.no_grad():
             self._experts = p.data.t().reshape(C, self.n, 2 * self.E).transpose(0, 1).contiguous()  # (n, C, 2E)
             p.data = p.data.new_empty(0)
+            if fused:
+                # (C, n) router, (n,) offset, (n, C, 2E) experts, (F, C) down: views of the column-major weights
+                w_r, w_d = self.router.weight.detach().t(), self.down_proj.weight.detach().t()
+                self._fused = (w_r.contiguous(), self.router_offset.detach(), self._experts, w_d.contiguous())
         try:
             yield
         finally:
             with torch.inference_mode(False), torch.no_grad():
                 p.data = self._experts.transpose(1, 2).reshape(2 * self.n * self.E, C)  # (2F, C) row-major
-            self._experts = None
+            self._experts = self._fused = None
 
     def forward(self, x: Tensor) -> Tensor:
+        fused = self._fused is not None and not self.training and self.magnitude_keep is None
+        if fused and x.shape[0] * x.shape[1] == 1:
+            return self._decode_fused(x)
         logits = self.logits(x)  # (B, T, n)
         if self.training:
             on = logits.detach() > 0
@@ -196,6 +231,16 @@ class LTEMLP(nn.Module):
         table = w_d.detach().t()  # (F, C)
         y = F.embedding_bag(neurons[sel].view(-1), table, every_e[:k], mode="sum", per_sample_weights=h.view(-1))
         return y.sum(0)  # (k, C) -> (C,)
+
+    def _decode_fused(self, x: Tensor) -> Tensor:
+        """One token (1, 1, C) through the C++ kernel: routes (logit > 0, as `infer`) and reads only the selected
+        experts' blocks of the expert table and of the transposed down projection, in one op."""
+        y, k = decode_kernel().lte_decode(x.reshape(-1), *self._fused)  # (C,), experts selected (fp32 only)
+        self.stat_tokens += 1
+        self.stat_calls += 1
+        self.stat_active += k
+        self.stat_computed += k
+        return y.view(x.shape)
 
     def _build_index(self, device: torch.device) -> tuple[Tensor, ...]:
         """Decode gather indices, built once per device (not buffers: models are built on the meta device)."""

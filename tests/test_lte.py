@@ -4,6 +4,7 @@ decode FFN, router gradients per stage, training end to end, SUBLLM composition 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -156,6 +157,50 @@ def test_generate_with_sparse_decode_matches_full_forward():
     assert lte.flops_per_token(64) < dense_model().flops_per_token(64)
 
 
+needs_cxx = pytest.mark.skipif(shutil.which("c++") is None, reason="the C++ decode kernel needs a C++ compiler")
+
+
+@needs_cxx
+@pytest.mark.parametrize("threads", [1, 2])  # 2: the selected experts are split over threads, partial sums added
+@pytest.mark.parametrize("expert_size", [32, 6])  # 32: the fixed-width gate/up loop; 6: the generic one, E % 4 != 0
+def test_fused_decode_kernel_equals_masked_dense(expert_size, threads):
+    dense = dense_model(ffn_dim=96)
+    lte = to_lte(dense, expert_size=expert_size, decode_kernel="cpp")
+    set_routers(lte, offset=0.0, std=0.3)
+    d, m = dense.layers[0].mlp, lte.layers[0].mlp
+    x = torch.randn(16, 1, 1, 64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad(), decode_layout(lte):
+            assert m._fused is not None
+            seen = []
+            for xi in x:
+                on = m.logits(xi) > 0
+                seen.append(int(on.sum()))
+                torch.testing.assert_close(m(xi), masked_dense_mlp(d, m, xi, on), atol=1e-5, rtol=1e-5)
+            assert m.stat_active == sum(seen) and 0 < sum(seen) < 16 * m.n  # some experts on, some off
+            for offset in (-100.0, 100.0):  # none selected: zeros; all selected: the dense FFN
+                m.router_offset.fill_(offset)
+                torch.testing.assert_close(
+                    m(x[0]), d(x[0]) if offset > 0 else torch.zeros_like(x[0]), atol=1e-5, rtol=1e-5
+                )
+    finally:
+        torch.set_num_threads(before)
+    assert m._fused is None and m._experts is None  # the kernel's views are dropped with the layout
+
+
+@needs_cxx
+def test_generate_with_fused_kernel_equals_torch_path():
+    lte = to_lte(dense_model())
+    set_routers(lte, offset=0.0, std=0.3)
+    fused = to_lte(dense_model(), decode_kernel="cpp")
+    fused.load_state_dict(lte.state_dict())
+    out = [generate(m, [[1, 2, 3, 4], [5, 6]], max_new_tokens=8).tokens for m in (lte, fused)]
+    assert out[0] == out[1]
+    assert lte.lte_report()["ffn_sparsity"] == fused.lte_report()["ffn_sparsity"] > 0
+
+
 def test_router_gradients_stage1_but_not_stage2():
     lte = to_lte(dense_model(), eta=1.0)
     set_routers(lte, offset=0.0, std=0.3)
@@ -253,6 +298,8 @@ def test_bad_config_values():
         preset("tiny", **CFG, lte={"eta": -0.1})
     with pytest.raises(LeanLMError, match="router_init: must be random or centroid"):
         preset("tiny", **CFG, lte={"router_init": "kmeans"})
+    with pytest.raises(LeanLMError, match="decode_kernel: must be torch"):
+        preset("tiny", **CFG, lte={"decode_kernel": "cuda"})
     with pytest.raises(LeanLMError, match="stage-1 LTE checkpoint"):
         to_lte(dense_model(), stage=2)
 
@@ -295,6 +342,39 @@ def test_lte_checkpoint_without_grouping(tmp_path, capsys, tiny_tokenizer):
     state = {k: v for k, v in load_file(str(ck / "model.safetensors")).items() if not k.endswith(".grouping")}
     save_file(state, str(ck / "model.safetensors"))
     one_line_exit_2(capsys, ["generate", "-m", str(ck), "-p", "hi", "-n", "2"], "mlp.grouping")
+
+
+def test_decode_kernel_without_a_compiler_is_one_error(monkeypatch):
+    import leanlm.lte
+
+    monkeypatch.setattr(leanlm.lte.shutil, "which", lambda _: None)
+    leanlm.lte.decode_kernel.cache_clear()
+    model = to_lte(dense_model(), decode_kernel="cpp")
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        with pytest.raises(LeanLMError, match="needs a C\\+\\+ compiler"), decode_layout(model):
+            pass
+    finally:
+        leanlm.lte.decode_kernel.cache_clear()  # the next user loads the real build
+    for k, v in model.state_dict().items():  # nothing lost or left in the decode layout
+        assert torch.equal(v, weights[k]) and v.is_contiguous(), k
+
+
+@needs_cxx
+def test_set_at_load_switches_the_decode_kernel(tmp_path, capsys, tiny_tokenizer):
+    ck = save_checkpoint(to_lte(dense_model(vocab_size=300)), tiny_tokenizer, tmp_path / "lte")
+    outs = []
+    for extra in ([], ["--set", "model.lte.decode_kernel=cpp"]):
+        assert main(["generate", "-m", str(ck), "-p", "hi", "-n", "4", "--json", *extra]) == 0
+        outs.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert outs[0]["tokens"] == outs[1]["tokens"]
+    assert load_model(str(ck), overrides={"lte": {"decode_kernel": "cpp"}})[0].cfg.lte.decode_kernel == "cpp"
+    dense = save_checkpoint(dense_model(vocab_size=300), tiny_tokenizer, tmp_path / "dense")
+    one_line_exit_2(capsys, ["generate", "-m", str(dense), "-p", "hi", "--set", "model.lte.eta=1"], "no lte section")
+    one_line_exit_2(capsys, ["generate", "-m", str(ck), "-p", "hi", "--set", "run.steps=1"], "only model.* keys")
+    one_line_exit_2(
+        capsys, ["generate", "-m", str(ck), "-p", "hi", "--set", "model.lte.decode_kernel=gpu"], "must be torch"
+    )
 
 
 @pytest.mark.slow
