@@ -373,6 +373,7 @@ def _flops(
     # context of the generated tokens, prompt_len + new_tokens / 2 (every cached key is attended to, not half).
     # A model that drops tokens at inference (SUBLLM) is costed at the retention it achieved in the measurement:
     # for decode, that of the generated tokens, with caches holding what was kept of the prompt ("decode_cached").
+    # An LTE model is costed at the FFN sparsity its routers chose in the measurement (its inference statistics).
     retention = retention or {}
     out = {}
     for w in (w for w in WHATS if w in what):
@@ -498,13 +499,12 @@ def run_bench(
                 entry[k]["retention"] = retention[k][w] = m.retention()
             if w != "train" and hasattr(m, "lte_report"):  # LTE: the FFN sparsity its routers chose here
                 entry[k]["lte"] = m.lte_report()
+            if retention[k].get(w) is not None or "lte" in entry[k]:  # executed FLOPs at what it skipped here
+                variants[k]["flops_per_token"][w] = _flops(m, [w], seq_len, prompt_len, new_tokens, retention[k])[w]
         if "B" in runners:
             entry["ratio"] = _summary([a / b for a, b in zip(tps["A"], tps["B"])])
         results[w] = entry
     TEXT_TOKENS = None
-    for k, m in models.items():  # executed FLOPs at the retention each variant achieved
-        if retention[k]:
-            variants[k]["flops_per_token"] = _flops(m, what, seq_len, prompt_len, new_tokens, retention[k])
     if "B" in models:
         for w, entry in results.items():
             entry["flop_ratio"] = variants["B"]["flops_per_token"][w] / variants["A"]["flops_per_token"][w]

@@ -360,6 +360,21 @@ def test_decode_kernel_without_a_compiler_is_one_error(monkeypatch):
         assert torch.equal(v, weights[k]) and v.is_contiguous(), k
 
 
+@pytest.mark.parametrize("offset", [-100.0, 100.0])  # every expert off / on while the bench generates
+def test_bench_costs_lte_at_the_sparsity_measured(tmp_path, tiny_tokenizer, offset):
+    from leanlm.bench import run_bench
+
+    lte = to_lte(dense_model(vocab_size=300))
+    set_routers(lte, offset=offset)
+    ck = save_checkpoint(lte, tiny_tokenizer, tmp_path / "lte")
+    dense = save_checkpoint(dense_model(vocab_size=300), tiny_tokenizer, tmp_path / "dense")
+    r = run_bench(str(ck), vs=str(dense), what=["decode"], prompt_len=8, new_tokens=4, repeats=1, warmup=0)
+    d = r["results"]["decode"]
+    assert d["A"]["lte"]["ffn_sparsity"] == (1.0 if offset < 0 else 0.0)
+    # all off: the FFN's FLOPs are gone (routers remain); all on: dense plus the routers
+    assert (d["flop_ratio"] > 1.2) if offset < 0 else (0.99 < d["flop_ratio"] < 1.0)
+
+
 @needs_cxx
 def test_set_at_load_switches_the_decode_kernel(tmp_path, capsys, tiny_tokenizer):
     ck = save_checkpoint(to_lte(dense_model(vocab_size=300)), tiny_tokenizer, tmp_path / "lte")
