@@ -51,10 +51,14 @@ TAU = 0.5  # score threshold: the paper uses 0.5 in every experiment
 def decode_kernel():
     """The fused one-token decode FFN (leanlm/lte_decode.cpp), compiled on first use for this CPU (-march=native;
     torch caches the build under ~/.cache/torch_extensions, so later processes only load it)."""
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import is_ninja_available, load
 
     if shutil.which("c++") is None:
         raise LeanLMError("model.lte.decode_kernel=cpp needs a C++ compiler (c++ not found); use decode_kernel=torch")
+    if not is_ninja_available():
+        raise LeanLMError(
+            "model.lte.decode_kernel=cpp needs ninja to build (pip install ninja); or use decode_kernel=torch"
+        )
     try:
         return load(
             name="leanlm_lte_decode",

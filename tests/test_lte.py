@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from torch.utils.cpp_extension import is_ninja_available
 
 from leanlm.checkpoint import add_methods, build_model, load_model, save_checkpoint
 from leanlm.cli import main
@@ -157,7 +158,9 @@ def test_generate_with_sparse_decode_matches_full_forward():
     assert lte.flops_per_token(64) < dense_model().flops_per_token(64)
 
 
-needs_cxx = pytest.mark.skipif(shutil.which("c++") is None, reason="the C++ decode kernel needs a C++ compiler")
+needs_cxx = pytest.mark.skipif(
+    shutil.which("c++") is None or not is_ninja_available(), reason="the C++ decode kernel needs c++ and ninja"
+)
 
 
 @needs_cxx
