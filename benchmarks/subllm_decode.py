@@ -29,28 +29,27 @@ from leanlm.model import decode_layout
 
 
 @torch.inference_mode()
-def run(models: dict, prompts: list[torch.Tensor], prompt_len: int, steps: int) -> tuple[list[dict], dict]:
+def run(models: dict, prompts: list[torch.Tensor], prompt_len: int, steps: int) -> tuple[dict, dict]:
     """Per prompt (1, prompt_len + steps): every model prefills `prompt_len` tokens (untimed), then the models take
     the `steps` cached one-token forwards in turn, step by step (the order flips every step), so both arms see the
-    same load on a shared machine; a quiet spell or a noisy neighbour cannot favour one of them. Returns per prompt
-    the seconds each model spent decoding, and for each SUBLLM the (kept, seen) counts per stage of the prefills
-    and of the decoded steps."""
+    same load on a shared machine; a quiet spell or a noisy neighbour cannot favour one of them. Returns the seconds
+    each model spent decoding, summed over the prompts, and for each SUBLLM the (kept, seen) counts per stage of the
+    prefills and of the decoded steps."""
     counts = {k: m.retention_counts for k, m in models.items() if hasattr(m, "retention_counts")}
     kept = {k: [torch.zeros_like(c), torch.zeros_like(c)] for k, c in counts.items()}  # prefilled, decoded
-    seconds = []
+    elapsed = dict.fromkeys(models, 0.0)
     with contextlib.ExitStack() as stack:
         for m in models.values():
             stack.enter_context(decode_layout(m))
         for tokens in prompts:
-            elapsed = dict.fromkeys(models, 0.0)
             try:
-                for k, m in models.items():
-                    m.setup_caches(1, prompt_len + steps)
-                    before = counts[k].clone() if k in counts else None
-                    m(tokens[:, :prompt_len], last_only=True)
-                    if k in counts:
-                        kept[k][0] += counts[k] - before
                 before = {k: c.clone() for k, c in counts.items()}
+                for m in models.values():
+                    m.setup_caches(1, prompt_len + steps)
+                    m(tokens[:, :prompt_len], last_only=True)
+                for k, c in counts.items():
+                    kept[k][0] += c - before[k]
+                    before[k] = c.clone()
                 order = list(models)
                 for s in range(prompt_len, prompt_len + steps):
                     for k in order:
@@ -63,8 +62,7 @@ def run(models: dict, prompts: list[torch.Tensor], prompt_len: int, steps: int) 
             finally:
                 for m in models.values():
                     m.reset_caches()
-            seconds.append(elapsed)
-    return seconds, kept
+    return elapsed, kept
 
 
 def main() -> None:
@@ -91,8 +89,8 @@ def main() -> None:
     run(models, [p[:, : args.prompt_len + 16] for p in prompts[:1]], args.prompt_len, 16)  # warm-up
     seconds: list[dict] = []  # per repeat: each model's decoding time summed over the prompts
     for _ in range(args.repeats):
-        per_prompt, kept_r = run(models, prompts, args.prompt_len, args.steps)
-        seconds.append({k: sum(s[k] for s in per_prompt) for k in models})
+        elapsed, kept_r = run(models, prompts, args.prompt_len, args.steps)
+        seconds.append(elapsed)
     counts = kept_r.get("A")  # the same every repeat: selection is deterministic
     tps = {k: [args.prompts * args.steps / s[k] for s in seconds] for k in models}
     names = ("decode_cached", "decode")  # retention of the prompts (what the caches hold) and of the decoded steps

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from leanlm.config import METHODS, PRESETS, PRETRAINED_PRESETS, ModelConfig, merge_preset
+from leanlm.config import METHODS, PRESETS, PRETRAINED_PRESETS, ModelConfig, merge_preset, preset
 from leanlm.errors import LeanLMError
 from leanlm.model import Transformer, torch_dtype
 from leanlm.tokenizer import Tokenizer
@@ -162,12 +162,11 @@ def model_overrides(sets: list[str] | tuple[str, ...]) -> dict:
     return raw.get("model", {})
 
 
-def _with_overrides(model_cfg: dict, overrides: dict, where: str) -> dict:
-    """A model section with `overrides` merged in; a method section can be changed, not added."""
+def _check_overrides(model_cfg: dict, overrides: dict, where: str) -> None:
+    """`overrides` may change a method section of `model_cfg`, not add one."""
     for k, v in overrides.items():
         if isinstance(v, dict) and not isinstance(model_cfg.get(k), dict):
             raise LeanLMError(f"--set model.{k}.*: {where} has no {k} section to change")
-    return merge_preset(model_cfg, overrides)
 
 
 def load_checkpoint(
@@ -188,8 +187,9 @@ def load_checkpoint(
     arch = meta.get("arch", "llama")
     if expect_arch is not None and arch != expect_arch:
         raise LeanLMError(f"{path}: a {arch!r} checkpoint cannot be loaded as {expect_arch!r}")
-    model_cfg = _with_overrides(meta["model"], overrides, str(path)) if overrides else meta["model"]
-    cfg = ModelConfig.from_dict(model_cfg, where=f"{path}/config.json: model")
+    overrides = overrides or {}
+    _check_overrides(meta["model"], overrides, str(path))
+    cfg = ModelConfig.from_dict(merge_preset(meta["model"], overrides), where=f"{path}/config.json: model")
     if cfg.arch != arch:
         raise LeanLMError(f"{path}/config.json: says arch {arch!r} but its model section describes {cfg.arch!r}")
     wfile = path / "model.safetensors"
@@ -228,7 +228,8 @@ def load_model(
     if ref in PRESETS and not path.exists():
         if ref in PRETRAINED_PRESETS:
             return hf.load_gguf(hf.smollm2_gguf(), dtype=dtype)
-        cfg = ModelConfig.from_dict(_with_overrides(PRESETS[ref], overrides or {}, f"preset {ref}"), f"preset {ref}")
+        _check_overrides(PRESETS[ref], overrides or {}, f"preset {ref}")
+        cfg = preset(ref, **(overrides or {}))
         model = build_model(cfg).init_weights(seed=seed)
         return model.to(torch_dtype(dtype or cfg.dtype)).eval(), None
     if not path.exists():
