@@ -347,15 +347,25 @@ def test_lte_checkpoint_without_grouping(tmp_path, capsys, tiny_tokenizer):
     one_line_exit_2(capsys, ["generate", "-m", str(ck), "-p", "hi", "-n", "2"], "mlp.grouping")
 
 
-def test_decode_kernel_without_a_compiler_is_one_error(monkeypatch):
+@pytest.mark.parametrize("missing", ["c++", "ninja"])
+def test_decode_kernel_without_a_compiler_is_one_error(monkeypatch, missing):
+    import torch.utils.cpp_extension
+
     import leanlm.lte
 
-    monkeypatch.setattr(leanlm.lte.shutil, "which", lambda _: None)
+    if missing == "c++":
+        monkeypatch.setattr(leanlm.lte.shutil, "which", lambda _: None)
+    else:
+        monkeypatch.setattr(leanlm.lte.shutil, "which", lambda _: "/usr/bin/c++")
+        monkeypatch.setattr(torch.utils.cpp_extension, "is_ninja_available", lambda: False)
     leanlm.lte.decode_kernel.cache_clear()
     model = to_lte(dense_model(), decode_kernel="cpp")
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     try:
-        with pytest.raises(LeanLMError, match="needs a C\\+\\+ compiler"), decode_layout(model):
+        with (
+            pytest.raises(LeanLMError, match="needs a C\\+\\+ compiler" if missing == "c++" else "needs ninja"),
+            decode_layout(model),
+        ):
             pass
     finally:
         leanlm.lte.decode_kernel.cache_clear()  # the next user loads the real build
@@ -376,6 +386,12 @@ def test_bench_costs_lte_at_the_sparsity_measured(tmp_path, tiny_tokenizer, offs
     assert d["A"]["lte"]["ffn_sparsity"] == (1.0 if offset < 0 else 0.0)
     # all off: the FFN's FLOPs are gone (routers remain); all on: dense plus the routers
     assert (d["flop_ratio"] > 1.2) if offset < 0 else (0.99 < d["flop_ratio"] < 1.0)
+
+
+def test_set_at_load_refuses_gguf_and_hf_inputs(tmp_path, capsys):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    one_line_exit_2(capsys, ["generate", "-m", str(gguf), "-p", "hi", "--set", "model.max_seq_len=64"], "--set applies")
 
 
 @needs_cxx
