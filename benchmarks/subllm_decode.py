@@ -29,7 +29,9 @@ from leanlm.model import decode_layout
 
 
 @torch.inference_mode()
-def run(models: dict, prompts: list[torch.Tensor], prompt_len: int, steps: int) -> tuple[dict, dict]:
+def run(
+    models: dict, prompts: list[torch.Tensor], prompt_len: int, steps: int, kernel: str = "torch"
+) -> tuple[dict, dict]:
     """Per prompt (1, prompt_len + steps): every model prefills `prompt_len` tokens (untimed), then the models take
     the `steps` cached one-token forwards in turn, step by step (the order flips every step), so both arms see the
     same load on a shared machine; a quiet spell or a noisy neighbour cannot favour one of them. Returns the seconds
@@ -40,7 +42,7 @@ def run(models: dict, prompts: list[torch.Tensor], prompt_len: int, steps: int) 
     elapsed = dict.fromkeys(models, 0.0)
     with contextlib.ExitStack() as stack:
         for m in models.values():
-            stack.enter_context(decode_layout(m))
+            stack.enter_context(decode_layout(m, kernel))
         for tokens in prompts:
             try:
                 before = {k: c.clone() for k, c in counts.items()}
@@ -74,6 +76,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=256)
     ap.add_argument("--prompts", type=int, default=4, help="prompts at evenly spaced offsets of the split")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--kernel", choices=("torch", "cpp"), default="torch", help="decode kernel of both models")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     models = {"A": load_model(args.model)[0].eval(), "B": load_model(args.dense)[0].eval()}
@@ -86,10 +89,10 @@ def main() -> None:
     gap = (len(val) - need) // max(args.prompts - 1, 1)
     windows = [val[i * gap : i * gap + need] for i in range(args.prompts)]
     prompts = [torch.from_numpy(w.astype("int64")).unsqueeze(0) for w in windows]
-    run(models, [p[:, : args.prompt_len + 16] for p in prompts[:1]], args.prompt_len, 16)  # warm-up
+    run(models, [p[:, : args.prompt_len + 16] for p in prompts[:1]], args.prompt_len, 16, args.kernel)  # warm-up
     seconds: list[dict] = []  # per repeat: each model's decoding time summed over the prompts
     for _ in range(args.repeats):
-        elapsed, kept_r = run(models, prompts, args.prompt_len, args.steps)
+        elapsed, kept_r = run(models, prompts, args.prompt_len, args.steps, args.kernel)
         seconds.append(elapsed)
     counts = kept_r.get("A")  # the same every repeat: selection is deterministic
     tps = {k: [args.prompts * args.steps / s[k] for s in seconds] for k in models}
@@ -112,6 +115,7 @@ def main() -> None:
         "ratio": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "samples": ratios},
         "flop_ratio": flops["B"] / flops["A"],
         "prompts": args.prompts,
+        "kernel": args.kernel,
     }
     res["ratio_over_flop_ratio"] = res["ratio"]["median"] / res["flop_ratio"]
     ret = "" if retention is None else f", retention {', '.join(f'{x:.3f}' for x in retention)}"
@@ -119,7 +123,7 @@ def main() -> None:
         ret += f" (prompts {', '.join(f'{x:.3f}' for x in kept['decode_cached'])})"
     print(
         f"cached decode of real text, {args.prompts} prompts of {args.prompt_len}, {args.steps} steps each, "
-        f"{args.repeats} repeats: A {res['A']['median_tokens_per_s']:.1f} tok/s, "
+        f"{args.repeats} repeats, kernel {args.kernel}: A {res['A']['median_tokens_per_s']:.1f} tok/s, "
         f"B {res['B']['median_tokens_per_s']:.1f} tok/s, "
         f"A/B {res['ratio']['median']:.3f} [{min(ratios):.3f}, {max(ratios):.3f}], "
         f"FLOP B/A {res['flop_ratio']:.3f}{ret}"

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from leanlm.config import DTYPES
 from leanlm.errors import LeanLMError
+from leanlm.kernels import check_kernel
 
 DEFINITIONS = {
     "train": "one training step on batch x seq_len tokens: forward, fp32 next-token cross-entropy computed from the "
@@ -242,13 +243,18 @@ class _FirstTokenClock:
 
 
 def _decode(
-    model: nn.Module, batch: int, prompt_len: int, new_tokens: int, cache_dtype: torch.dtype | None = None
+    model: nn.Module,
+    batch: int,
+    prompt_len: int,
+    new_tokens: int,
+    cache_dtype: torch.dtype | None = None,
+    kernel: str = "torch",
 ) -> tuple[int, float]:
     x = random_tokens(model, batch, prompt_len)  # (B, P)
     if _is_leanlm(model):
         from leanlm.generate import generate
 
-        res = generate(model, x.tolist(), max_new_tokens=new_tokens, stop_ids=(), dtype=cache_dtype)
+        res = generate(model, x.tolist(), max_new_tokens=new_tokens, stop_ids=(), dtype=cache_dtype, kernel=kernel)
         return res.n_decode_tokens, res.decode_seconds
     clock = _FirstTokenClock()
     with torch.inference_mode():
@@ -402,6 +408,7 @@ def run_bench(
     device: str | None = None,
     text: str | None = None,
     overrides: dict | None = None,
+    kernel: str = "torch",
 ) -> dict:
     """Benchmark model reference `model` (A), alone or against `vs` (B: a model reference, or "hf").
 
@@ -411,7 +418,8 @@ def run_bench(
     (max over repeats), plus `ratio`: A tokens/s / B tokens/s per repeat (> 1 means A, the --model, is faster), and
     `flop_ratio`: B's executed FLOPs per token / A's, the speed-up that the skipped work alone would give.
     `text`: a prepared data directory whose validation tokens replace the random ids. `overrides`: ModelConfig
-    fields changed in A at load (checkpoint.model_overrides).
+    fields changed in A at load (checkpoint.model_overrides). `kernel`: the decode kernel of every leanlm variant
+    (leanlm.kernels; transformers models keep their own).
     """
     global TEXT_TOKENS
     from leanlm.checkpoint import load_model
@@ -426,6 +434,7 @@ def run_bench(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     _check_args(what, seq_len, batch, prompt_len, new_tokens, repeats, warmup)
+    check_kernel(kernel)
     model_a = load_model(model, dtype=dtype, overrides=overrides)[0].to(dev)
     TEXT_TOKENS = load_text_tokens(text, model_a.cfg.vocab_size) if text else None
     _check_context(model_a, model, what, seq_len, prompt_len, new_tokens)
@@ -466,7 +475,9 @@ def run_bench(
         elif w == "prefill":
             runners = {k: (lambda m=m: _prefill(m, batch, prompt_len)) for k, m in models.items()}
         else:
-            runners = {k: (lambda m=m: _decode(m, batch, prompt_len, new_tokens)) for k, m in models.items()}
+            runners = {
+                k: (lambda m=m: _decode(m, batch, prompt_len, new_tokens, kernel=kernel)) for k, m in models.items()
+            }
         try:
             for _ in range(warmup):
                 for run in runners.values():
@@ -521,6 +532,7 @@ def run_bench(
             "repeats": repeats,
             "warmup": warmup,
             "dtype": dtype,
+            "decode_kernel": kernel,
             "seed": SEED,
             "order": "A then B on even repeats, B then A on odd ones",
             "tokens": f"validation tokens of {text}" if text else f"random ids (seed {SEED})",
@@ -573,7 +585,10 @@ def format_table(result: dict) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines.append("")
     lines += ["  ".join(c.ljust(wd) for c, wd in zip(row, widths)).rstrip() for row in rows]
-    notes = [f"settings: seq_len {s['seq_len']} (train), prompt_len {s['prompt_len']}, new_tokens {s['new_tokens']}"]
+    notes = [
+        f"settings: seq_len {s['seq_len']} (train), prompt_len {s['prompt_len']}, new_tokens {s['new_tokens']}, "
+        f"decode kernel {s['decode_kernel']}"
+    ]
     for w, r in result["results"].items():
         for k in variants:
             if r[k].get("retention"):

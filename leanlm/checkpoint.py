@@ -147,12 +147,15 @@ def read_config(path: Path) -> dict:
         raise LeanLMError(f"{f}: corrupt config ({e})") from None
     if not isinstance(meta, dict) or "model" not in meta:
         raise LeanLMError(f"{f}: not a leanlm config (no 'model' section)")
+    lte = meta["model"].get("lte")
+    if isinstance(lte, dict):  # written before the decode kernel became a run-time choice (--kernel): drop it
+        lte.pop("decode_kernel", None)
     return meta
 
 
 def model_overrides(sets: list[str] | tuple[str, ...]) -> dict:
     """`--set model.KEY=VALUE` items (values parsed as YAML) as a nested dict of ModelConfig fields, e.g.
-    ["model.lte.decode_kernel=cpp"] -> {"lte": {"decode_kernel": "cpp"}}."""
+    ["model.subllm.threshold=0.1"] -> {"subllm": {"threshold": 0.1}}."""
     from leanlm.train import apply_overrides
 
     raw = apply_overrides({}, list(sets))

@@ -40,7 +40,17 @@ def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
         default=[],
         metavar="model.KEY=VALUE",
         help="change a model setting at load (preset or leanlm checkpoint; with bench, --model only), e.g. "
-        "model.lte.decode_kernel=cpp or model.subllm.threshold=0.1; repeatable",
+        "model.subllm.threshold=0.1; repeatable",
+    )
+
+
+def _kernel_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--kernel",
+        choices=("torch", "cpp"),
+        default="torch",
+        help="one-token CPU decode steps (batch 1, float32): torch = pure PyTorch (default); cpp = fused C++ ops per "
+        "block and LTE FFN, built on first use (needs a C++ compiler and ninja)",
     )
 
 
@@ -93,6 +103,7 @@ def cmd_generate(args) -> dict:
         stop_ids=stop,
         seed=args.seed,
         on_token=streamer,
+        kernel=args.kernel,
     )
     if streamer:
         streamer.end()
@@ -176,6 +187,7 @@ def cmd_bench(args) -> dict:
         threads=args.threads,
         text=args.text,
         overrides=model_overrides(args.overrides),
+        kernel=args.kernel,
     )
     if not args.json:
         print(format_table(res))
@@ -274,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
     p.add_argument("--tokenizer", help="tokenizer to use instead of the model's (tokenizer.json, directory, .gguf)")
     _json_arg(p)
+    _kernel_arg(p)
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser(
@@ -325,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="use the validation tokens of a prepared data directory "
         "instead of random ids (matters for methods that choose per token what to skip, e.g. SUBLLM)",
     )
+    _kernel_arg(p)
     _json_arg(p)
     p.set_defaults(fn=cmd_bench)
 

@@ -176,10 +176,6 @@ class LTEConfig:
     router_init_std: float = 0.02  # random: the weights' std; centroid: the norm of each router row
     router_lr_scale: float = 1.0  # the routers learn at this multiple of the base learning rate
     kmeans_iters: int = 20  # balanced k-means iterations when grouping a dense model
-    # one-token decode on a CPU: "torch" = pure PyTorch (two embedding_bags, the default); "cpp" = router, selection
-    # and both projections in one fused C++ op (leanlm/lte_decode.cpp), built on first use with the system's C++
-    # compiler; at 50% sparsity 1.9x faster than the dense FFN, "torch" 1.4x (docs/results.md, LTE)
-    decode_kernel: str = "torch"
 
     def check(self, ffn_dim: int) -> None:
         def bad(name: str, why: str) -> LeanLMError:
@@ -205,8 +201,6 @@ class LTEConfig:
             raise bad("router_lr_scale", "must be positive")
         if self.kmeans_iters < 1:
             raise bad("kmeans_iters", "must be >= 1")
-        if self.decode_kernel not in ("torch", "cpp"):
-            raise bad("decode_kernel", "must be torch (pure PyTorch) or cpp (fused C++ CPU kernel)")
 
 
 @dataclass

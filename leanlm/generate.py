@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from leanlm.errors import LeanLMError
+from leanlm.kernels import check_kernel
 from leanlm.model import decode_layout
 from leanlm.tokenizer import Tokenizer
 
@@ -163,6 +164,7 @@ def generate(
     seed: int | None = None,
     on_token: Callable[[int, int], None] | None = None,
     dtype: torch.dtype | None = None,
+    kernel: str = "torch",
 ) -> GenerationResult:
     """Continue each prompt by up to `max_new_tokens` tokens.
 
@@ -175,7 +177,9 @@ def generate(
         seed: seeds the sampling generator (None = torch's global RNG).
         on_token: called as on_token(row, token) for every reported token, as soon as it is produced.
         dtype: KV cache dtype (default: the model's parameter dtype).
+        kernel: "torch" or "cpp": one-token CPU steps of a single row through fused C++ ops (leanlm/kernels.py).
     """
+    check_kernel(kernel)
     _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     device = next(model.parameters()).device
     B, P = len(prompts), max(len(p) for p in prompts)
@@ -208,7 +212,7 @@ def generate(
         t1 = time.perf_counter()
 
         # column-major weights make batch-1 CPU matmuls stream faster; switching costs ~0.1 s and counts as decode time
-        layout = decode_layout(model) if device.type == "cpu" else contextlib.nullcontext()
+        layout = decode_layout(model, kernel) if device.type == "cpu" else contextlib.nullcontext()
         with layout:
             steps: list[Tensor] = []  # one (B,) tensor per step, read back once at the end
             finished = [False] * B

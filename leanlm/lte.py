@@ -20,9 +20,10 @@ column-major, so down_proj.weight.t() is the contiguous transposed down projecti
 exactly the selected experts' values with two `embedding_bag` calls (a fused gather-and-weighted-sum kernel),
 reading no unselected weight and each expert's weights as one contiguous stream (1.3x faster at 50% sparsity than
 the column-major (C, 2F) rows, whose 2E-value pieces of one expert lie 2F values apart; docs/results.md).
-With `model.lte.decode_kernel = "cpp"` one fused C++ op (lte_decode.cpp) does router, selection, gate/up, SiLU·up
-and down for the token, streaming each selected expert's two blocks once (at 50% sparsity 1.9x faster than the
-dense FFN, the two embedding_bags 1.4x; docs/results.md); "torch" (the default) needs no compiler.
+With the C++ kernels (`decode_layout(model, kernel="cpp")`, `--kernel cpp`) one fused op (`lte_decode` in
+kernels.cpp) does router, selection, gate/up, SiLU·up and down for the token, streaming each selected expert's two
+blocks once (at 50% sparsity 1.9x faster than the dense FFN, the two embedding_bags 1.4x; docs/results.md); "torch"
+(the default) needs no compiler.
 `grouping` (F,) stores each position's original neuron.
 
 Shapes: N tokens, C model width, F FFN width, n experts, E expert size (F = n * E).
@@ -32,9 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import shutil
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -42,32 +41,10 @@ from torch import Tensor, nn
 
 from leanlm.config import LTEConfig, ModelConfig
 from leanlm.errors import LeanLMError
+from leanlm.kernels import cpp_kernels
 from leanlm.model import MLP, Transformer, dense_flops_per_token
 
 TAU = 0.5  # score threshold: the paper uses 0.5 in every experiment
-
-
-@functools.cache
-def decode_kernel():
-    """The fused one-token decode FFN (leanlm/lte_decode.cpp), compiled on first use for this CPU (-march=native;
-    torch caches the build under ~/.cache/torch_extensions, so later processes only load it)."""
-    from torch.utils.cpp_extension import is_ninja_available, load
-
-    if shutil.which("c++") is None:
-        raise LeanLMError("model.lte.decode_kernel=cpp needs a C++ compiler (c++ not found); use decode_kernel=torch")
-    if not is_ninja_available():
-        raise LeanLMError(
-            "model.lte.decode_kernel=cpp needs ninja to build (pip install ninja); or use decode_kernel=torch"
-        )
-    try:
-        return load(
-            name="leanlm_lte_decode",
-            sources=[str(Path(__file__).with_name("lte_decode.cpp"))],
-            extra_cflags=["-O3", "-march=native"],
-        )
-    except Exception as e:  # a compiler or linker error: the log is long, its last line names the failure
-        last = (str(e).strip().splitlines() or ["unknown error"])[-1]
-        raise LeanLMError(f"model.lte.decode_kernel=cpp: building the C++ kernel failed ({last})") from None
 
 
 class LTEMLP(nn.Module):
@@ -97,6 +74,7 @@ class LTEMLP(nn.Module):
         self._index: dict[torch.device, tuple[Tensor, ...]] = {}  # decode gather indices per device
         self._experts: Tensor | None = None  # (n, C, 2E) gate/up table while in decode_layout (module docstring)
         self._fused: tuple[Tensor, ...] | None = None  # the C++ kernel's weight views while in decode_layout
+        self._ops = None  # the compiled kernels, while _fused is set
         self.reset_stats()
 
     def set_stage(self, stage: int) -> None:
@@ -141,7 +119,7 @@ class LTEMLP(nn.Module):
         return F.linear(x, w).unflatten(-1, (-1, 2, self.E))
 
     @contextlib.contextmanager
-    def decode_layout(self) -> Iterator[None]:
+    def decode_layout(self, kernel: str) -> Iterator[None]:
         """Entered by `model.decode_layout` (after it made the Linear weights column-major): the gate/up weights
         live in the (n, C, 2E) expert table instead of `gate_up_proj.weight`, which holds no data meanwhile (any
         use of it fails loudly), so decode reads each expert as one block without keeping a second copy."""
@@ -150,9 +128,9 @@ class LTEMLP(nn.Module):
             yield
             return
         C = p.shape[1]
-        fused = self.lte.decode_kernel == "cpp" and p.device.type == "cpu"
+        fused = kernel == "cpp" and p.device.type == "cpu"
         if fused:
-            decode_kernel()  # build (or load) it first: a failure is one error, before any weight has moved
+            self._ops = cpp_kernels()  # build (or load) first: a failure is one error, before any weight has moved
         with torch.inference_mode(False), torch.no_grad():
             self._experts = p.data.t().reshape(C, self.n, 2 * self.E).transpose(0, 1).contiguous()  # (n, C, 2E)
             p.data = p.data.new_empty(0)
@@ -236,15 +214,22 @@ class LTEMLP(nn.Module):
         y = F.embedding_bag(neurons[sel].view(-1), table, every_e[:k], mode="sum", per_sample_weights=h.view(-1))
         return y.sum(0)  # (k, C) -> (C,)
 
-    def _decode_fused(self, x: Tensor) -> Tensor:
+    def _decode_fused(self, x: Tensor, norm_w: Tensor | None = None, eps: float = 0.0) -> Tensor:
         """One token (1, 1, C) through the C++ kernel: routes (logit > 0, as `infer`) and reads only the selected
-        experts' blocks of the expert table and of the transposed down projection, in one op."""
-        y, k = decode_kernel().lte_decode(x.reshape(-1), *self._fused)  # (C,), experts selected (fp32 only)
+        experts' blocks of the expert table and of the transposed down projection, in one op. With `norm_w`, the
+        whole FFN half of a block: x + FFN(rmsnorm(x))."""
+        y, k = self._ops.lte_decode(x, *self._fused, norm_w, eps)  # like x; experts selected (fp32 only)
         self.stat_tokens += 1
         self.stat_calls += 1
         self.stat_active += k
         self.stat_computed += k
-        return y.view(x.shape)
+        return y
+
+    def decode_step(self, x: Tensor, norm: nn.Module) -> Tensor:
+        """x + FFN(norm(x)) for one token (1, 1, C): model.Block's fused decode path hands its FFN half over here."""
+        if self._fused is not None and not self.training and self.magnitude_keep is None:
+            return self._decode_fused(x, norm.weight, norm.eps)
+        return x + self(norm(x))
 
     def _build_index(self, device: torch.device) -> tuple[Tensor, ...]:
         """Decode gather indices, built once per device (not buffers: models are built on the meta device)."""

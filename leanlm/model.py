@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +114,11 @@ class KVCache(nn.Module):
         self.v.narrow(2, start, T).copy_(v)
         return self.k.narrow(2, 0, start + T), self.v.narrow(2, 0, start + T)
 
+    def prepare(self, end: int) -> bool:
+        """For the fused decode kernel, which writes one row's slots directly: make slots [0, end) writable and say
+        whether this is a one-row fp32 cache that fits them (methods whose rows fill different slots override it)."""
+        return self.k.shape[0] == 1 and self.k.dtype == torch.float32 and end <= self.k.shape[2]
+
 
 def causal_mask(T: int, S: int, device=None) -> Tensor:
     """(T, S) bool, True = may attend: query i (at slot S-T+i) sees keys 0..S-T+i."""
@@ -180,6 +185,52 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg.dim, cfg.ffn_dim)
+        # decode_layout(model, kernel="cpp"): the attention op's arguments and the FFN half as one function
+        self._fused: tuple[tuple, Callable[[Tensor], Tensor]] | None = None
+        self._ops = None  # the compiled extension, while _fused is set
+
+    @contextlib.contextmanager
+    def decode_layout(self, kernel: str) -> Iterator[None]:
+        """Entered by `decode_layout` after it made the Linear weights column-major: with kernel "cpp" and fp32 CPU
+        weights, one-token steps of one row run as two fused C++ ops (leanlm/kernels.cpp) reading the same data."""
+        qkv, o = self.self_attn.qkv_proj, self.self_attn.o_proj
+        w = qkv.weight
+        if kernel != "cpp" or w.device.type != "cpu" or w.dtype != torch.float32 or qkv.bias is not None:
+            yield
+            return
+        from leanlm.kernels import cpp_kernels
+
+        ops = cpp_kernels()  # build (or load) first: a failure is one error, before any state changes
+
+        def norm(n: RMSNorm) -> tuple[Tensor, float]:
+            return n.weight.detach(), n.eps
+
+        attn = (*norm(self.input_layernorm), w.detach().t(), o.weight.detach().t())  # (C,), eps, (C, 3HD), (HD, C)
+        weights = [attn[2], attn[3]]
+        if type(self.mlp) is MLP:  # the dense SwiGLU
+            w_gu, w_d = self.mlp.gate_up_proj.weight.detach().t(), self.mlp.down_proj.weight.detach().t()
+            args = (*norm(self.post_attention_layernorm), w_gu, w_d)  # (C,), eps, (C, 2F), (F, C)
+            weights += [w_gu, w_d]
+
+            def mlp(x: Tensor) -> Tensor:
+                return ops.mlp_decode(x, *args)
+        elif hasattr(self.mlp, "decode_step"):  # an FFN with a fused path of its own (LTE)
+
+            def mlp(x: Tensor) -> Tensor:
+                return self.mlp.decode_step(x, self.post_attention_layernorm)
+        else:
+
+            def mlp(x: Tensor) -> Tensor:
+                return x + self.mlp(self.post_attention_layernorm(x))
+
+        if not all(t.is_contiguous() for t in weights):
+            yield  # not in the column-major layout (e.g. a weight shared in another layout): keep PyTorch
+            return
+        self._fused, self._ops = (attn, mlp), ops
+        try:
+            yield
+        finally:
+            self._fused = self._ops = None
 
     def forward(
         self,
@@ -190,8 +241,18 @@ class Block(nn.Module):
         start: int = 0,
         mask: Tensor | None = None,
     ) -> Tensor:
+        if self._fused is not None and x.shape[0] * x.shape[1] == 1 and mask is None and cache is not None:
+            if not torch.is_grad_enabled() and cache.prepare(start + 1):
+                return self._decode_fused(x, cos, sin, cache, start)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def _decode_fused(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, start: int) -> Tensor:
+        """One token (1, 1, C) of one row through the C++ ops; its key and value go to cache slot `start`."""
+        (w_n, eps, w_qkv, w_o), mlp = self._fused
+        # x (1, 1, C), cos/sin (1, 1, 1, D) and the caches (1, K, L, D) go in as they are: a view costs a dispatch
+        x = self._ops.attn_decode(x, w_n, eps, w_qkv, cos, sin, cache.k, cache.v, start, w_o)
+        return mlp(x)  # x + FFN(norm(x))
 
 
 class Transformer(nn.Module):
@@ -303,12 +364,18 @@ class Transformer(nn.Module):
 
 
 @contextlib.contextmanager
-def decode_layout(model: nn.Module) -> Iterator[None]:
+def decode_layout(model: nn.Module, kernel: str = "torch") -> Iterator[None]:
     """Within the block, store every Linear weight (out, in) column-major: same values, shape and Parameter objects,
     but `F.linear` then streams a contiguous (in, out) matrix (MKL's NN gemv). For batch-1 decode on a CPU this is
     ~25% faster for the layer weights and 2x for a 49k-row lm head (docs/design.md); for training-size batches it is
     slower, so the row-major layout is restored on exit. Tied weights stay tied (the data is swapped in place).
+
+    kernel: "torch" (pure PyTorch) or "cpp": one-token steps of one row then run each block (and LTE's FFN) as fused
+    C++ ops on the same weights (leanlm/kernels.py).
     """
+    from leanlm.kernels import check_kernel
+
+    check_kernel(kernel)
     params = {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Linear) and m.weight.dim() == 2}
     # fp32 only: for bf16 the column-major path is ~10x slower on CPUs without native bf16 matmul (measured)
     changed = [p for p in params.values() if p.is_contiguous() and p.dtype == torch.float32]
@@ -320,7 +387,7 @@ def decode_layout(model: nn.Module) -> Iterator[None]:
         with contextlib.ExitStack() as stack:  # modules with a layout of their own (LTE's experts) switch after
             for m in model.modules():
                 if hasattr(m, "decode_layout"):
-                    stack.enter_context(m.decode_layout())
+                    stack.enter_context(m.decode_layout(kernel))
             yield
     finally:
         with torch.inference_mode(False), torch.no_grad():

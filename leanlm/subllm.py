@@ -160,6 +160,12 @@ class StageCache(KVCache):
             buf.narrow(2, 0, L).copy_(old)
             setattr(self, name, buf)
 
+    def prepare(self, end: int) -> bool:
+        if self.slots is not None:
+            return False
+        self._reserve(end)
+        return super().prepare(end)
+
     def update(self, k: Tensor, v: Tensor, start: int) -> tuple[Tensor, Tensor]:
         if self.slots is None:
             self._reserve(start + k.shape[2])
@@ -213,6 +219,7 @@ class SubLLM(Transformer):
         self._stats: list[dict[str, Tensor]] = [{} for _ in range(n_stages)]
         # (kept, seen) since reset_retention; host-side bookkeeping, never on the meta/accelerator device
         self.retention_counts = torch.zeros(n_stages, 2, dtype=torch.float64, device="cpu")
+        self._counts_np = self.retention_counts.numpy()  # the same memory (updated in place only)
         self._lens: list[list[int]] | None = None  # generation: tokens cached per stage and row
         self._scores: list[list[Tensor]] | None = None  # threshold-mode scores per stage, while calibrating
 
@@ -410,6 +417,7 @@ class SubLLM(Transformer):
         level = {"x": x, "pos": pos.expand(B, -1), "cos": cos, "sin": sin, "start": start, "mask": mask, "valid": valid}
         stack: list[dict] = []
         skipping = 0  # > 0 while inside a stage that kept no token in any row: its blocks and inner stages are skipped
+        layers = list(self.layers)  # a list: indexing a ModuleList costs microseconds, a decode step pays 24 of them
         for op, i in self.ops:
             if skipping:
                 skipping += {"(": 1, ")": -1}.get(op, 0)
@@ -419,7 +427,7 @@ class SubLLM(Transformer):
             if op == "T":
                 cache = self.caches[i] if self.caches is not None else None
                 x, cos, sin, mask = level["x"], level["cos"], level["sin"], level["mask"]
-                level["x"] = self.layers[i](x, cos, sin, cache, level["start"], mask)
+                level["x"] = layers[i](x, cos, sin, cache, level["start"], mask)
             elif op == "(":
                 level, skip = self._subsample(i, level, stack, topk)
                 skipping = int(skip)
@@ -433,9 +441,9 @@ class SubLLM(Transformer):
     def _subsample(self, j: int, outer: dict, stack: list[dict], topk: bool) -> tuple[dict, bool]:
         x = outer["x"]  # (B, T, C)
         B, T, C = x.shape
-        s = self.stages[j].scorer(x).squeeze(-1).float()  # (B, T) scores
         if not topk and B * T == 1 and outer["valid"] is None and self._scores is None:
-            return self._subsample_one(j, outer, stack, s)
+            return self._subsample_one(j, outer, stack)
+        s = self.stages[j].scorer(x).squeeze(-1).float()  # (B, T) scores
         if topk:
             idx, w = self._select_topk(j, s)
             counts = None
@@ -456,13 +464,14 @@ class SubLLM(Transformer):
             inner.update(self._stage_cache_view(j, counts, idx.shape[1], x.device))
         return inner, False
 
-    def _subsample_one(self, j: int, outer: dict, stack: list[dict], s: Tensor) -> tuple[dict, bool]:
+    def _subsample_one(self, j: int, outer: dict, stack: list[dict]) -> tuple[dict, bool]:
         """Decoding one token of one row: the same rule as `_select_threshold` without its index bookkeeping (sort,
         gathers, scatter), which would cost more than a block at this size. The token either enters the stage as is
-        (same position, same RoPE rows) or skips it."""
-        score = float(s)
+        (same position, same RoPE rows) or skips it. Every tensor op here costs a dispatch of several microseconds,
+        as much as a block's share of the work a dropped token saves, so there are two: the score and its read."""
+        score = float(self.stages[j].scorer(outer["x"]))  # (1, 1, 1) -> float
         kept = score > self._threshold(j)
-        self.retention_counts[j] += torch.tensor([float(kept), 1.0], dtype=torch.float64)
+        self._counts_np[j] += (kept, 1.0)  # retention_counts, through numpy: no tensor op
         saved = {**outer, "one": j, "w": min(max(score, 0.0), 1.0)}  # "one": this stage took the fast path
         stack.append(saved)
         if not kept:
@@ -472,7 +481,8 @@ class SubLLM(Transformer):
             inner["start"], inner["mask"] = self._lens[j][0], None
             self._lens[j] = [self._lens[j][0] + 1]
             for i in self.stage_layers[j]:
-                self.caches[i].slots = None
+                if self.caches[i].slots is not None:  # (setting a module attribute is slow)
+                    self.caches[i].slots = None
         return inner, False
 
     def _stage_cache_view(self, j: int, counts: Tensor, k: int, device: torch.device) -> dict:
@@ -496,9 +506,9 @@ class SubLLM(Transformer):
 
     def _upsample(self, j: int, inner: dict, stack: list[dict]) -> dict:
         outer = stack.pop()
-        if outer.get("one") == j:  # the single kept token of _subsample_one
+        if outer.get("one") == j:  # the single kept token of _subsample_one: x + w * b * (y - x), in two ops
             x = outer["x"]
-            outer["x"] = x + (self.stages[j].bypass_scale * outer["w"] * (inner["x"] - x)).to(x.dtype)
+            outer["x"] = torch.addcmul(x, self.stages[j].bypass_scale, inner["x"] - x, value=outer["w"])
             return outer
         x, idx, w, xg = outer["x"], outer["idx"], outer["w"], outer["xg"]
         scale = self.stages[j].bypass_scale  # (C,)
