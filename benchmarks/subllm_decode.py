@@ -9,6 +9,9 @@ prompts are taken at `--prompts` evenly spaced offsets of the split rather than 
 
     python benchmarks/subllm_decode.py out/subllm-stdlib-cal out/subllm-stdlib-dense/final \\
         --data out/baseline-stdlib/data --prompt-len 4096 --steps 256 --prompts 4 --repeats 5 --json
+
+Any two leanlm models of one vocabulary work (e.g. an LTE model vs its dense fine-tune: the FLOP ratio then uses the
+FFN sparsity its routers chose); `--kernel cpp` runs both with the fused C++ decode kernels.
 """
 
 from __future__ import annotations

@@ -145,3 +145,12 @@ def test_checkpoints_that_stored_the_lte_kernel_still_load(tmp_path, tiny_tokeni
     meta["model"]["lte"]["decode_kernel"] = "cpp"  # an older leanlm kept the kernel choice in the config
     (ck / "config.json").write_text(json.dumps(meta))
     assert load_checkpoint(ck)[0].cfg.lte.expert_size == 32
+
+
+@pytest.mark.slow
+@needs_cxx
+def test_smollm2_generates_the_same_with_the_kernels(smollm2):
+    model, tok = smollm2  # grouped-query attention with 9 query and 3 kv heads, tied 49k-row head
+    ids = [tok.encode("The capital of France is Paris, and the capital of Italy is")]
+    ref, got = (generate(model, ids, 24, kernel=k).tokens for k in ("torch", "cpp"))
+    assert ref == got
