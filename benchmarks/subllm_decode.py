@@ -124,6 +124,9 @@ def main() -> None:
     ret = "" if retention is None else f", retention {', '.join(f'{x:.3f}' for x in retention)}"
     if retention is not None:
         ret += f" (prompts {', '.join(f'{x:.3f}' for x in kept['decode_cached'])})"
+    if hasattr(models["A"], "lte_report"):  # LTE: the FFN sparsity its routers chose (prompts and steps)
+        res["A"]["lte_ffn_sparsity"] = models["A"].lte_report()["ffn_sparsity"]
+        ret += f", LTE FFN sparsity {res['A']['lte_ffn_sparsity']:.3f}"
     print(
         f"cached decode of real text, {args.prompts} prompts of {args.prompt_len}, {args.steps} steps each, "
         f"{args.repeats} repeats, kernel {args.kernel}: A {res['A']['median_tokens_per_s']:.1f} tok/s, "
