@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from leanlm.bench import _summary
 from leanlm.checkpoint import load_model
 from leanlm.model import decode_layout
 
@@ -78,7 +79,7 @@ def main() -> None:
         "steps": args.steps,
         "threads": torch.get_num_threads(),
         "ms_per_step": ms,
-        "speedup": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "samples": ratios},
+        "speedup": _summary(ratios),
         "max_abs_logit_diff": max(diffs),
     }
     print(

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from leanlm.bench import _flops
+from leanlm.bench import _flops, _summary
 from leanlm.checkpoint import load_model
 from leanlm.data import TokenDataset
 from leanlm.model import decode_layout
@@ -115,7 +115,7 @@ def main() -> None:
             "retention_prompts": kept.get("decode_cached"),
         },
         "B": {"ref": args.dense, "median_tokens_per_s": statistics.median(tps["B"])},
-        "ratio": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "samples": ratios},
+        "ratio": _summary(ratios),
         "flop_ratio": flops["B"] / flops["A"],
         "prompts": args.prompts,
         "kernel": args.kernel,

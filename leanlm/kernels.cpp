@@ -53,27 +53,20 @@ void gate_up_fixed(const float* x, const float* W, int64_t C, float* g) {
   for (int64_t j = 0; j < E2; ++j) g[j] = acc[j] + acc2[j];
 }
 
-void gate_up_any(const float* x, const float* W, int64_t C, int64_t E2, float* g) {
-  for (int64_t j = 0; j < E2; ++j) g[j] = 0.f;
-  for (int64_t c = 0; c < C; ++c) {
-    const float xc = x[c];
-    const float* w = W + c * E2;
-    for (int64_t j = 0; j < E2; ++j) g[j] += xc * w[j];
+// a (N,) += x (M,) @ W (M, N): four rows per pass over a (a stays in L1, W streams once). The GEMV below, LTE's
+// generic gate/up (any expert width) and its down projection (an expert's E rows of the transposed down_proj) all
+// come down to this.
+void acc_rows(const float* x, const float* W, int64_t M, int64_t N, float* a) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) {
+    const float x0 = x[m], x1 = x[m + 1], x2 = x[m + 2], x3 = x[m + 3];
+    const float *w0 = W + m * N, *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;
+    for (int64_t j = 0; j < N; ++j) a[j] += x0 * w0[j] + x1 * w1[j] + x2 * w2[j] + x3 * w3[j];
   }
-}
-
-// a (C,) += sum_j h[j] * D[j, :], four rows per pass over a (a stays in L1, D streams once)
-void down_acc(const float* h, const float* D, int64_t E, int64_t C, float* a) {
-  int64_t j = 0;
-  for (; j + 4 <= E; j += 4) {
-    const float h0 = h[j], h1 = h[j + 1], h2 = h[j + 2], h3 = h[j + 3];
-    const float *d0 = D + j * C, *d1 = d0 + C, *d2 = d1 + C, *d3 = d2 + C;
-    for (int64_t c = 0; c < C; ++c) a[c] += h0 * d0[c] + h1 * d1[c] + h2 * d2[c] + h3 * d3[c];
-  }
-  for (; j < E; ++j) {
-    const float hj = h[j];
-    const float* d = D + j * C;
-    for (int64_t c = 0; c < C; ++c) a[c] += hj * d[c];
+  for (; m < M; ++m) {
+    const float xm = x[m];
+    const float* w = W + m * N;
+    for (int64_t j = 0; j < N; ++j) a[j] += xm * w[j];
   }
 }
 
@@ -142,7 +135,7 @@ void rmsnorm(const float* x, const float* w, int64_t C, float eps, float* out) {
 
 // y (N,) = x (M,) @ Wt (M, N). The rows are split over torch's threads, so each thread streams one contiguous piece
 // of the matrix (the memory prefetchers' best case: 15% more bandwidth here than interleaved column slices); each
-// sums into its own partial output, four rows per pass over it (it stays in L1), and the partials are added at the end.
+// sums into its own partial output (acc_rows), and the partials are added at the end.
 void gemv(const float* x, const float* Wt, int64_t M, int64_t N, float* y) {
   const int64_t T = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, M / 16));
   std::vector<float> part(static_cast<size_t>(T) * N);
@@ -151,17 +144,7 @@ void gemv(const float* x, const float* Wt, int64_t M, int64_t N, float* y) {
       const int64_t m0 = M * t / T, m1 = M * (t + 1) / T;
       float* a = part.data() + t * N;
       for (int64_t j = 0; j < N; ++j) a[j] = 0.f;
-      int64_t m = m0;
-      for (; m + 4 <= m1; m += 4) {
-        const float x0 = x[m], x1 = x[m + 1], x2 = x[m + 2], x3 = x[m + 3];
-        const float *w0 = Wt + m * N, *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;
-        for (int64_t j = 0; j < N; ++j) a[j] += x0 * w0[j] + x1 * w1[j] + x2 * w2[j] + x3 * w3[j];
-      }
-      for (; m < m1; ++m) {
-        const float xm = x[m];
-        const float* w = Wt + m * N;
-        for (int64_t j = 0; j < N; ++j) a[j] += xm * w[j];
-      }
+      acc_rows(x + m0, Wt + m0 * N, m1 - m0, N, a);
     }
   });
   for (int64_t j = 0; j < N; ++j) y[j] = part[j];
@@ -299,12 +282,14 @@ std::tuple<torch::Tensor, int64_t> lte_decode(torch::Tensor x, torch::Tensor rou
     for (int64_t i = begin; i < end; ++i) {
       const int64_t e = sel[i];
       const float* We = W + e * C * E2;
-      if (E2 == 64)
+      if (E2 == 64) {
         gate_up_fixed<64>(xp, We, C, g.data());
-      else
-        gate_up_any(xp, We, C, E2, g.data());
+      } else {
+        std::fill(g.begin(), g.end(), 0.f);
+        acc_rows(xp, We, C, E2, g.data());
+      }
       for (int64_t j = 0; j < E; ++j) h[j] = g[j] / (1.f + exp_fast(-g[j])) * g[E + j];
-      down_acc(h.data(), D + e * E * C, E, C, a);
+      acc_rows(h.data(), D + e * E * C, E, C, a);
     }
   });
   float* yp = y.data_ptr<float>();

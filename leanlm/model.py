@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from leanlm.config import ModelConfig
+from leanlm.kernels import check_kernel, cpp_kernels
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -198,8 +199,6 @@ class Block(nn.Module):
         if kernel != "cpp" or w.device.type != "cpu" or w.dtype != torch.float32 or qkv.bias is not None:
             yield
             return
-        from leanlm.kernels import cpp_kernels
-
         ops = cpp_kernels()  # build (or load) first: a failure is one error, before any state changes
 
         def norm(n: RMSNorm) -> tuple[Tensor, float]:
@@ -218,11 +217,9 @@ class Block(nn.Module):
 
             def mlp(x: Tensor) -> Tensor:
                 return self.mlp.decode_step(x, self.post_attention_layernorm)
-        else:
-
-            def mlp(x: Tensor) -> Tensor:
-                return x + self.mlp(self.post_attention_layernorm(x))
-
+        else:  # an FFN without one: the block keeps PyTorch
+            yield
+            return
         if not all(t.is_contiguous() for t in weights):
             yield  # not in the column-major layout (e.g. a weight shared in another layout): keep PyTorch
             return
@@ -373,8 +370,6 @@ def decode_layout(model: nn.Module, kernel: str = "torch") -> Iterator[None]:
     kernel: "torch" (pure PyTorch) or "cpp": one-token steps of one row then run each block (and LTE's FFN) as fused
     C++ ops on the same weights (leanlm/kernels.py).
     """
-    from leanlm.kernels import check_kernel
-
     check_kernel(kernel)
     params = {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Linear) and m.weight.dim() == 2}
     # fp32 only: for bf16 the column-major path is ~10x slower on CPUs without native bf16 matmul (measured)
