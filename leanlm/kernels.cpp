@@ -5,10 +5,16 @@
 // the CPU presets is ~40 PyTorch ops (norm, projection, RoPE, cache writes, attention, residuals), ~0.4 ms of
 // dispatch and small-tensor traffic next to ~0.3 ms of streaming its weights; that fixed cost is paid by every
 // token that enters a block, so it also caps what skipping work can save (SUBLLM's decode at 4k, docs/results.md).
+// Mid-step it is worse than a microbenchmark shows: after megabytes of weights have streamed through the caches, a
+// small PyTorch op costs 0.1-0.2 ms (its dispatch path is cold; F.rms_norm on 256 values: 24 us warm, 156 us cold),
+// while a call into this module costs ~10 us. So the small ops around the blocks are here too (embedding, final
+// norm and lm head, SUBLLM's score and upsample).
 //
 // attn_decode: x + o_proj(attention(rope(qkv_proj(rmsnorm(x))))), writing the new key/value into the cache
 // mlp_decode:  x + down_proj(silu(gate) * up) with [gate; up] = gate_up_proj(rmsnorm(x))
 // lte_decode:  LTE's FFN (below)
+// embed_decode, head_decode: the token's embedding; lm_head(rmsnorm(x))
+// score / upsample: SUBLLM's stage boundary for one token
 //
 // Weights come in the decode layout (model.decode_layout): every Linear weight (out, in) is stored column-major,
 // i.e. as a contiguous (in, out) matrix W^T, so y = x W^T streams W^T row by row.
@@ -365,7 +371,63 @@ torch::Tensor mlp_decode(torch::Tensor x, torch::Tensor norm_w, double eps, torc
   return y;
 }
 
+// x (C values), norm_w (C,), w_t (C, V) = the lm head's weight, column-major -> logits (V,) of rmsnorm(x): the last
+// op of every decode step, shared by every model (F.rms_norm alone costs ~0.2 ms here after a step's weights have
+// streamed through the caches: a PyTorch op's dispatch path is cold by then; a call into this module is ~10 us)
+torch::Tensor head_decode(torch::Tensor x, torch::Tensor norm_w, double eps, torch::Tensor w_t) {
+  check(norm_w, "norm_w", 1);
+  check(w_t, "w_t", 2);
+  const int64_t C = norm_w.size(0), V = w_t.size(1);
+  check_numel(x, "x", C);
+  TORCH_CHECK(w_t.size(0) == C, "lm head shape mismatch");
+  std::vector<float> hn(C);
+  rmsnorm(x.data_ptr<float>(), norm_w.data_ptr<float>(), C, static_cast<float>(eps), hn.data());
+  torch::Tensor y = torch::empty({1, 1, V}, x.options());
+  gemv(hn.data(), w_t.data_ptr<float>(), C, V, y.data_ptr<float>());
+  return y;
+}
+
+// idx (one token id, int64), w (V, C) in any strides (row-major, or column-major when tied to a column-major lm
+// head) -> the token's embedding (1, 1, C): the first op of a decode step
+torch::Tensor embed_decode(torch::Tensor idx, torch::Tensor w) {
+  TORCH_CHECK(idx.scalar_type() == torch::kInt64 && idx.numel() == 1 && idx.device().is_cpu(), "idx must be one id");
+  TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.device().is_cpu() && w.dim() == 2, "w must be (V, C) float32");
+  const int64_t V = w.size(0), C = w.size(1), t = idx.data_ptr<int64_t>()[0];
+  TORCH_CHECK(0 <= t && t < V, "token id ", t, " outside the vocabulary of ", V);
+  torch::Tensor y = torch::empty({1, 1, C}, w.options());
+  const float* src = w.data_ptr<float>() + t * w.stride(0);
+  float* yp = y.data_ptr<float>();
+  const int64_t sc = w.stride(1);
+  for (int64_t c = 0; c < C; ++c) yp[c] = src[c * sc];
+  return y;
+}
+
+// SUBLLM's stage boundary for one token (C values): its score w . x (the scorer, a bias-free linear to a scalar)
+double score(torch::Tensor x, torch::Tensor w) {
+  check_numel(w, "w", x.numel());
+  check_numel(x, "x", w.numel());
+  return dot(x.data_ptr<float>(), w.data_ptr<float>(), x.numel());
+}
+
+// ... and its upsampling: x + w * b * (y - x) for the kept token's stage output y and the bypass scale b (C,)
+torch::Tensor upsample(torch::Tensor x, torch::Tensor y, torch::Tensor b, double w) {
+  const int64_t C = x.numel();
+  check_numel(x, "x", C);
+  check_numel(y, "y", C);
+  check_numel(b, "b", C);
+  torch::Tensor out = torch::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *yp = y.data_ptr<float>(), *bp = b.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float wf = static_cast<float>(w);
+  for (int64_t c = 0; c < C; ++c) op[c] = xp[c] + wf * bp[c] * (yp[c] - xp[c]);
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("embed_decode", &embed_decode, "one token's embedding");
+  m.def("head_decode", &head_decode, "one-token final RMSNorm and lm head");
+  m.def("score", &score, "SUBLLM: one token's score");
+  m.def("upsample", &upsample, "SUBLLM: one kept token's upsampling and bypass");
   m.def("attn_decode", &attn_decode, "one-token decode attention half-block: norm, qkv, RoPE, cache write, o_proj");
   m.def("mlp_decode", &mlp_decode, "one-token decode SwiGLU half-block: norm, gate/up, SiLU*up, down, residual");
   m.def("lte_decode", &lte_decode, "LTE one-token decode FFN: router, selection, gate/up, SiLU*up, down");

@@ -258,10 +258,7 @@ class RandomLTD:
                 g += 1
             else:
                 x = layer(x, cos, sin)
-        x = m.norm(x)
-        if last_only:
-            x = x[:, -1:]
-        return m.lm_head(x)  # (B, n, vocab)
+        return m.logits(x, last_only)  # (B, n, vocab)
 
 
 __all__ = [

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -229,11 +229,18 @@ class LTEMLP(nn.Module):
         stats["stat_computed"] += k
         return y
 
-    def decode_step(self, x: Tensor, norm: nn.Module) -> Tensor:
-        """x + FFN(norm(x)) for one token (1, 1, C): model.Block's fused decode path hands its FFN half over here."""
-        if self._kernel_ready():
-            return self._decode_fused(x, norm.weight, norm.eps)
-        return x + self(norm(x))
+    def decode_step(self, norm: nn.Module) -> Callable[[Tensor], Tensor]:
+        """x -> x + FFN(norm(x)) for one token (1, 1, C): model.Block's fused decode path hands its FFN half over to
+        this, made once per decode layout (mid-step, each Module attribute lookup such as `norm.weight` costs
+        ~15 us, leanlm/kernels.cpp)."""
+        norm_w, eps = norm.weight.detach(), norm.eps
+
+        def step(x: Tensor) -> Tensor:
+            if self._kernel_ready():
+                return self._decode_fused(x, norm_w, eps)
+            return x + self(norm(x))
+
+        return step
 
     def _build_index(self, device: torch.device) -> tuple[Tensor, ...]:
         """Decode gather indices, built once per device (not buffers: models are built on the meta device)."""

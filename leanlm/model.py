@@ -92,6 +92,12 @@ class RotaryEmbedding(nn.Module):
         # pos: (B or 1, T) absolute positions -> cos, signed sin: (B or 1, 1, T, D), broadcast over heads
         return self.cos[pos].unsqueeze(1).to(dtype), self.sin[pos].unsqueeze(1).to(dtype)
 
+    def at(self, start: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos, signed sin (1, D) of position `start` for one token, broadcast over batch and heads: views of the
+        tables (a decode step pays ~0.1 ms for the gather and its positions tensor, see kernels.cpp)."""
+        cos, sin = self.cos.narrow(0, start, 1), self.sin.narrow(0, start, 1)
+        return (cos, sin) if dtype == cos.dtype else (cos.to(dtype), sin.to(dtype))
+
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """HF's x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2, x1]: here [x2, x1] (a roll by D/2) times the
@@ -214,9 +220,7 @@ class Block(nn.Module):
             def mlp(x: Tensor) -> Tensor:
                 return ops.mlp_decode(x, *args)
         elif hasattr(self.mlp, "decode_step"):  # an FFN with a fused path of its own (LTE)
-
-            def mlp(x: Tensor) -> Tensor:
-                return self.mlp.decode_step(x, self.post_attention_layernorm)
+            mlp = self.mlp.decode_step(self.post_attention_layernorm)
         else:  # an FFN without one: the block keeps PyTorch
             yield
             return
@@ -266,6 +270,8 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.caches: list[KVCache] | None = None
+        self._head: tuple | None = None  # final norm, lm head and embedding weights while in a cpp decode layout
+        self._ops = None  # the compiled kernels, while _head is set
 
     # -- construction -------------------------------------------------------------------------------------------------
 
@@ -347,17 +353,50 @@ class Transformer(nn.Module):
             last_only: project only the last position to the vocabulary (prefill in generation).
         """
         B, T = idx.shape
-        if pos is None:
-            pos = torch.arange(start, start + T, device=idx.device).unsqueeze(0)  # (1, T)
-        x = self.embed_tokens(idx)  # (B, T, C)
-        cos, sin = self.rope(pos, x.dtype)
+        x = self.embed(idx)  # (B, T, C)
+        if pos is None and T == 1:
+            cos, sin = self.rope.at(start, x.dtype)  # (1, D)
+        else:
+            if pos is None:
+                pos = torch.arange(start, start + T, device=idx.device).unsqueeze(0)  # (1, T)
+            cos, sin = self.rope(pos, x.dtype)
         caches = self.caches or [None] * len(self.layers)
         for layer, cache in zip(self.layers, caches):
             x = layer(x, cos, sin, cache, start, mask)
+        return self.logits(x, last_only)
+
+    def embed(self, idx: Tensor) -> Tensor:
+        """Token ids (B, T) -> embeddings (B, T, C)."""
+        if self._head is not None and idx.numel() == 1 and not torch.is_grad_enabled():
+            return self._ops.embed_decode(idx, self._head[3])  # one token of one row: one call (see decode_layout)
+        return self.embed_tokens(idx)
+
+    def logits(self, x: Tensor, last_only: bool = False) -> Tensor:
+        """Final norm and lm head: hidden states (B, T, C) -> logits (B, T, vocab), or (B, 1, vocab) for the last
+        position only."""
+        if self._head is not None and x.shape[0] * x.shape[1] == 1 and not torch.is_grad_enabled():
+            return self._ops.head_decode(x, *self._head[:3])  # one token of one row: one fused op
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(x)  # (B, T, vocab)
+
+    @contextlib.contextmanager
+    def decode_layout(self, kernel: str) -> Iterator[None]:
+        """Entered by `decode_layout` after it made the Linear weights column-major: with kernel "cpp" and fp32 CPU
+        weights, a one-token step of one row starts and ends with one call each: the embedding, and the final norm
+        with the lm head (mid-step a small PyTorch op costs ~0.1 ms, leanlm/kernels.cpp)."""
+        w, n, e = self.lm_head.weight, self.norm.weight, self.embed_tokens.weight
+        fp32_cpu = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (w, n, e))
+        if kernel != "cpp" or not fp32_cpu or not w.t().is_contiguous():
+            yield
+            return
+        self._ops = cpp_kernels()
+        self._head = (n.detach(), self.norm.eps, w.detach().t(), e.detach())  # (C,), eps, (C, vocab), (vocab, C)
+        try:
+            yield
+        finally:
+            self._head = self._ops = None
 
 
 @contextlib.contextmanager

@@ -20,12 +20,14 @@ Shapes: B batch, T tokens at the current level, k kept tokens, C width, L cache 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from leanlm.config import ModelConfig, SubLLMConfig
@@ -222,6 +224,7 @@ class SubLLM(Transformer):
         self._counts_np = self.retention_counts.numpy()  # the same memory (updated in place only)
         self._lens: list[list[int]] | None = None  # generation: tokens cached per stage and row
         self._scores: list[list[Tensor]] | None = None  # threshold-mode scores per stage, while calibrating
+        self._stage_params: list[tuple[Tensor, Tensor]] | None = None  # (scorer weight, bypass scale) in decode_layout
 
     # -- construction -------------------------------------------------------------------------------------------------
 
@@ -336,6 +339,17 @@ class SubLLM(Transformer):
         super().reset_caches()
         self._lens = None
 
+    @contextlib.contextmanager
+    def decode_layout(self, kernel: str) -> Iterator[None]:
+        """The baseline's (final norm, lm head), plus the stages' parameters in a plain list for the one-token path:
+        mid-step, `self.stages[j].scorer.weight` (three Module lookups) costs ~50 us (leanlm/kernels.cpp)."""
+        with super().decode_layout(kernel):
+            self._stage_params = [(st.scorer.weight.detach(), st.bypass_scale.detach()) for st in self.stages]
+            try:
+                yield
+            finally:
+                self._stage_params = None
+
     # -- selection ----------------------------------------------------------------------------------------------------
 
     def _select_topk(self, j: int, s: Tensor) -> tuple[Tensor, Tensor]:
@@ -406,15 +420,20 @@ class SubLLM(Transformer):
         """Logits (B, T, vocab), arguments as Transformer.forward. With a padded batch in generation, `mask`'s last
         query row marks the real tokens (leanlm.generate.pad_batch): pads are never selected."""
         B, T = idx.shape
-        if pos is None:
-            pos = torch.arange(start, start + T, device=idx.device).unsqueeze(0)  # (1, T)
         topk = self.training if self.selection is None else self.selection == "topk"
         if topk and self.caches is not None:
             raise LeanLMError("SUBLLM generation uses threshold selection (call model.eval())")
-        x = self.embed_tokens(idx)  # (B, T, C)
-        cos, sin = self.rope(pos, x.dtype)
+        x = self.embed(idx)  # (B, T, C)
+        if pos is None and T == 1:  # a decode step: positions stay an int until a gather needs them (_subsample)
+            (cos, sin), pos = self.rope.at(start, x.dtype), start
+        else:
+            if pos is None:
+                pos = torch.arange(start, start + T, device=idx.device).unsqueeze(0)  # (1, T)
+            cos, sin = self.rope(pos, x.dtype)
+            pos = pos.expand(B, -1)
         valid = None if mask is None else mask[:, 0, -1, start : start + T]  # (B, T) real tokens
-        level = {"x": x, "pos": pos.expand(B, -1), "cos": cos, "sin": sin, "start": start, "mask": mask, "valid": valid}
+        # pos: (B, T) absolute positions, or the int p for positions p.. of every row
+        level = {"x": x, "pos": pos, "cos": cos, "sin": sin, "start": start, "mask": mask, "valid": valid}
         stack: list[dict] = []
         skipping = 0  # > 0 while inside a stage that kept no token in any row: its blocks and inner stages are skipped
         layers = list(self.layers)  # a list: indexing a ModuleList costs microseconds, a decode step pays 24 of them
@@ -433,10 +452,7 @@ class SubLLM(Transformer):
                 skipping = int(skip)
             else:
                 level = self._upsample(i, level, stack)
-        x = self.norm(level["x"])
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(x)  # (B, T, vocab)
+        return self.logits(level["x"], last_only)  # (B, T, vocab)
 
     def _subsample(self, j: int, outer: dict, stack: list[dict], topk: bool) -> tuple[dict, bool]:
         x = outer["x"]  # (B, T, C)
@@ -455,7 +471,10 @@ class SubLLM(Transformer):
             return saved, True
         xg = x.gather(1, idx.unsqueeze(-1).expand(-1, -1, C))  # (B, k, C)
         saved["xg"] = xg
-        pos = outer["pos"].gather(1, idx)  # (B, k) original absolute positions, composed across stages
+        pos = outer["pos"]
+        if isinstance(pos, int):
+            pos = torch.arange(pos, pos + T, device=x.device).expand(B, -1)  # (B, T)
+        pos = pos.gather(1, idx)  # (B, k) original absolute positions, composed across stages
         cos, sin = self.rope(pos, x.dtype)
         inner = {"x": xg, "pos": pos, "cos": cos, "sin": sin, "start": 0, "mask": None, "valid": None}
         if counts is not None:  # threshold selection: rows are padded to the longest with filler a nested `(` skips
@@ -468,10 +487,15 @@ class SubLLM(Transformer):
         """Decoding one token of one row: the same rule as `_select_threshold` without its index bookkeeping (sort,
         gathers, scatter), which would cost more than a block at this size. The token either enters the stage as is
         (same position, same RoPE rows) or skips it. Every tensor op here costs a dispatch of several microseconds,
-        as much as a block's share of the work a dropped token saves, so there are two: the score and its read."""
-        score = float(self.stages[j].scorer(outer["x"]))  # (1, 1, 1) -> float
+        as much as a block's share of the work a dropped token saves, so there are two: the score and its read (one
+        call into the C++ kernels while in their decode layout: mid-step a PyTorch op costs ~0.1 ms, kernels.cpp)."""
+        w_s = self._stage_params[j][0] if self._stage_params else self.stages[j].scorer.weight  # (1, C)
+        x = outer["x"]  # (1, 1, C)
+        score = self._ops.score(x, w_s) if self._ops is not None else float(F.linear(x, w_s))
         kept = score > self._threshold(j)
-        self._counts_np[j] += (kept, 1.0)  # retention_counts, through numpy: no tensor op
+        counts = self._counts_np  # retention_counts, through numpy: no tensor op
+        counts[j, 1] += 1.0
+        counts[j, 0] += kept
         saved = {**outer, "one": j, "w": min(max(score, 0.0), 1.0)}  # "one": this stage took the fast path
         stack.append(saved)
         if not kept:
@@ -506,9 +530,11 @@ class SubLLM(Transformer):
 
     def _upsample(self, j: int, inner: dict, stack: list[dict]) -> dict:
         outer = stack.pop()
-        if outer.get("one") == j:  # the single kept token of _subsample_one: x + w * b * (y - x), in two ops
-            x = outer["x"]
-            outer["x"] = torch.addcmul(x, self.stages[j].bypass_scale, inner["x"] - x, value=outer["w"])
+        if outer.get("one") == j:  # the single kept token of _subsample_one: x + w * b * (y - x), in two ops (or one)
+            b = self._stage_params[j][1] if self._stage_params else self.stages[j].bypass_scale  # (C,)
+            x, y = outer["x"], inner["x"]
+            w = outer["w"]
+            outer["x"] = self._ops.upsample(x, y, b, w) if self._ops else torch.addcmul(x, b, y - x, value=w)
             return outer
         x, idx, w, xg = outer["x"], outer["idx"], outer["w"], outer["xg"]
         scale = self.stages[j].bypass_scale  # (C,)

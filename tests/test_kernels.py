@@ -154,3 +154,23 @@ def test_smollm2_generates_the_same_with_the_kernels(smollm2):
     ids = [tok.encode("The capital of France is Paris, and the capital of Italy is")]
     ref, got = (generate(model, ids, 24, kernel=k).tokens for k in ("torch", "cpp"))
     assert ref == got
+
+
+@needs_cxx
+@pytest.mark.parametrize("tied", [True, False])
+def test_embedding_and_head_kernels_equal_pytorch(tied):
+    """A decode step starts and ends with one call each (embed_decode; head_decode = final norm + lm head), for a
+    row-major embedding and for one tied to the column-major lm head; an id outside the vocabulary is refused."""
+    model = Transformer(preset("tiny", tie_embeddings=tied)).init_weights(seed=0).eval()
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+    x = torch.randint(0, 512, (1, 40))
+    ref, got = (cached_logits(model, x, 30, k) for k in ("torch", "cpp"))
+    assert (ref - got).abs().max() <= 1e-4
+    with torch.no_grad(), decode_layout(model, "cpp"):
+        assert model._head is not None
+        idx = torch.tensor([[7]])
+        assert torch.equal(model.embed(idx), model.embed_tokens(idx))
+        with pytest.raises(RuntimeError, match="outside the vocabulary"):
+            model.embed(torch.tensor([[512]]))
+    assert model._head is None and model.lm_head.weight.is_contiguous()
