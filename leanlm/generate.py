@@ -231,8 +231,10 @@ def generate(
                 if i + 1 == max_new_tokens:
                     break
                 s = P + i  # cache slot of the token being fed
-                mask = batch.key_ok[..., : s + 1] if batch.key_ok is not None else None  # (B, 1, 1, s+1) view
-                logits = model(tok.unsqueeze(1), pos=batch.pos[:, s : s + 1], start=s, mask=mask)
+                mask, pos = None, None  # unpadded: position s in every row (the model takes its RoPE rows as views)
+                if batch.key_ok is not None:
+                    mask, pos = batch.key_ok[..., : s + 1], batch.pos[:, s : s + 1]  # (B, 1, 1, s+1), (B, 1)
+                logits = model(tok.unsqueeze(1), pos=pos, start=s, mask=mask)
                 tok = pick(logits[:, -1].float())
         rows = torch.stack(steps, dim=1).tolist()  # (B, n) on the host; waits for the device, so no _sync needed
         t2 = time.perf_counter()

@@ -22,7 +22,7 @@ reading no unselected weight and each expert's weights as one contiguous stream 
 the column-major (C, 2F) rows, whose 2E-value pieces of one expert lie 2F values apart; docs/results.md).
 With the C++ kernels (`decode_layout(model, kernel="cpp")`, `--kernel cpp`) one fused op (`lte_decode` in
 kernels.cpp) does router, selection, gate/up, SiLU·up and down for the token, streaming each selected expert's two
-blocks once (at 50% sparsity 1.6x faster than the dense FFN's fused op, the two embedding_bags 1.3x faster than the
+blocks once (at 50% sparsity 1.8x faster than the dense FFN's fused op, the two embedding_bags 1.3x faster than the
 PyTorch dense MLP; docs/results.md); "torch" (the default) needs no compiler.
 `grouping` (F,) stores each position's original neuron.
 
