@@ -371,9 +371,8 @@ torch::Tensor mlp_decode(torch::Tensor x, torch::Tensor norm_w, double eps, torc
   return y;
 }
 
-// x (C values), norm_w (C,), w_t (C, V) = the lm head's weight, column-major -> logits (V,) of rmsnorm(x): the last
-// op of every decode step, shared by every model (F.rms_norm alone costs ~0.2 ms here after a step's weights have
-// streamed through the caches: a PyTorch op's dispatch path is cold by then; a call into this module is ~10 us)
+// x (C values), norm_w (C,), w_t (C, V) = the lm head's weight, column-major -> logits (1, 1, V) of rmsnorm(x): the
+// last op of every decode step
 torch::Tensor head_decode(torch::Tensor x, torch::Tensor norm_w, double eps, torch::Tensor w_t) {
   check(norm_w, "norm_w", 1);
   check(w_t, "w_t", 2);
