@@ -2,9 +2,11 @@
 `kernel="cpp"` (`leanlm generate/bench --kernel cpp`, `generate(..., kernel="cpp")`, `decode_layout(model, "cpp")`).
 
 The default, "torch", is pure PyTorch. "cpp" replaces, for one token of one row in fp32 on a CPU, each block's
-attention half and SwiGLU half by one op each (`attn_decode`, `mlp_decode`), and LTE's sparse FFN by `lte_decode`;
-everything else (prefill, batches, training, other dtypes and devices) runs the PyTorch code it would run anyway.
-The kernel is a run-time choice, not part of a model's config: it changes how a step is computed, not what.
+attention half and SwiGLU half by one op each (`attn_decode`, `mlp_decode`), LTE's sparse FFN by `lte_decode`, and
+the small ops around the blocks (embedding, final norm with the lm head, SUBLLM's stage score and upsample), which
+cost ~0.1 ms each mid-step as PyTorch ops (kernels.cpp); everything else (prefill, batches, training, other dtypes
+and devices) runs the PyTorch code it would run anyway. The kernel is a run-time choice, not part of a model's
+config: it changes how a step is computed, not what.
 """
 
 from __future__ import annotations

@@ -251,7 +251,7 @@ class Block(nn.Module):
     def _decode_fused(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, start: int) -> Tensor:
         """One token (1, 1, C) of one row through the C++ ops; its key and value go to cache slot `start`."""
         (w_n, eps, w_qkv, w_o), mlp = self._fused
-        # x (1, 1, C), cos/sin (1, 1, 1, D) and the caches (1, K, L, D) go in as they are: a view costs a dispatch
+        # x (1, 1, C), cos/sin (D values) and the caches (1, K, L, D) go in as they are: a view costs a dispatch
         x = self._ops.attn_decode(x, w_n, eps, w_qkv, cos, sin, cache.k, cache.v, start, w_o)
         return mlp(x)  # x + FFN(norm(x))
 
@@ -270,8 +270,10 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.caches: list[KVCache] | None = None
-        self._head: tuple | None = None  # final norm, lm head and embedding weights while in a cpp decode layout
-        self._ops = None  # the compiled kernels, while _head is set
+        # while in a cpp decode layout: the final norm's and lm head's kernel arguments, the embedding weight, the ops
+        self._head: tuple[Tensor, float, Tensor] | None = None
+        self._embed_w: Tensor | None = None
+        self._ops = None
 
     # -- construction -------------------------------------------------------------------------------------------------
 
@@ -367,15 +369,15 @@ class Transformer(nn.Module):
 
     def embed(self, idx: Tensor) -> Tensor:
         """Token ids (B, T) -> embeddings (B, T, C)."""
-        if self._head is not None and idx.numel() == 1 and not torch.is_grad_enabled():
-            return self._ops.embed_decode(idx, self._head[3])  # one token of one row: one call (see decode_layout)
+        if self._embed_w is not None and idx.numel() == 1 and not torch.is_grad_enabled():
+            return self._ops.embed_decode(idx, self._embed_w)  # one token of one row: one call (see decode_layout)
         return self.embed_tokens(idx)
 
     def logits(self, x: Tensor, last_only: bool = False) -> Tensor:
         """Final norm and lm head: hidden states (B, T, C) -> logits (B, T, vocab), or (B, 1, vocab) for the last
         position only."""
         if self._head is not None and x.shape[0] * x.shape[1] == 1 and not torch.is_grad_enabled():
-            return self._ops.head_decode(x, *self._head[:3])  # one token of one row: one fused op
+            return self._ops.head_decode(x, *self._head)  # one token of one row: one fused op
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]
@@ -392,11 +394,12 @@ class Transformer(nn.Module):
             yield
             return
         self._ops = cpp_kernels()
-        self._head = (n.detach(), self.norm.eps, w.detach().t(), e.detach())  # (C,), eps, (C, vocab), (vocab, C)
+        self._head = (n.detach(), self.norm.eps, w.detach().t())  # (C,), eps, (C, vocab)
+        self._embed_w = e.detach()  # (vocab, C), row- or (tied to the lm head) column-major
         try:
             yield
         finally:
-            self._head = self._ops = None
+            self._head = self._embed_w = self._ops = None
 
 
 @contextlib.contextmanager

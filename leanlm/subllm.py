@@ -350,6 +350,13 @@ class SubLLM(Transformer):
             finally:
                 self._stage_params = None
 
+    def _stage_param(self, j: int) -> tuple[Tensor, Tensor]:
+        """Stage j's (scorer weight (1, C), bypass scale (C,)), from the plain list while in a decode layout."""
+        if self._stage_params is not None:
+            return self._stage_params[j]
+        st = self.stages[j]
+        return st.scorer.weight, st.bypass_scale
+
     # -- selection ----------------------------------------------------------------------------------------------------
 
     def _select_topk(self, j: int, s: Tensor) -> tuple[Tensor, Tensor]:
@@ -489,7 +496,7 @@ class SubLLM(Transformer):
         (same position, same RoPE rows) or skips it. Every tensor op here costs a dispatch of several microseconds,
         as much as a block's share of the work a dropped token saves, so there are two: the score and its read (one
         call into the C++ kernels while in their decode layout: mid-step a PyTorch op costs ~0.1 ms, kernels.cpp)."""
-        w_s = self._stage_params[j][0] if self._stage_params else self.stages[j].scorer.weight  # (1, C)
+        w_s = self._stage_param(j)[0]  # (1, C)
         x = outer["x"]  # (1, 1, C)
         score = self._ops.score(x, w_s) if self._ops is not None else float(F.linear(x, w_s))
         kept = score > self._threshold(j)
@@ -531,7 +538,7 @@ class SubLLM(Transformer):
     def _upsample(self, j: int, inner: dict, stack: list[dict]) -> dict:
         outer = stack.pop()
         if outer.get("one") == j:  # the single kept token of _subsample_one: x + w * b * (y - x), in two ops (or one)
-            b = self._stage_params[j][1] if self._stage_params else self.stages[j].bypass_scale  # (C,)
+            b = self._stage_param(j)[1]  # (C,)
             x, y = outer["x"], inner["x"]
             w = outer["w"]
             outer["x"] = self._ops.upsample(x, y, b, w) if self._ops else torch.addcmul(x, b, y - x, value=w)

@@ -173,4 +173,4 @@ def test_embedding_and_head_kernels_equal_pytorch(tied):
         assert torch.equal(model.embed(idx), model.embed_tokens(idx))
         with pytest.raises(RuntimeError, match="outside the vocabulary"):
             model.embed(torch.tensor([[512]]))
-    assert model._head is None and model.lm_head.weight.is_contiguous()
+    assert model._head is None and model._embed_w is None and model.lm_head.weight.is_contiguous()
