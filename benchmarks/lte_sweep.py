@@ -47,6 +47,13 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--out", default="out/lte")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
+    ap.add_argument(
+        "--continue-steps",
+        default="",
+        help="comma-separated: then continue the dense run and every stage 2 by this many more steps, each "
+        "continuation from the previous one's end (fresh schedule, seeds 1, 2, ...), and evaluate each (runs "
+        "<name>-cont<steps added so far>)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -62,7 +69,7 @@ def main() -> None:
     prepare([args.train], data, tokenizer=args.init, val_fraction=0.05, progress=False)
     steps = args.stage1_steps + args.stage2_steps
 
-    def run(name: str, init: str, model: dict | None, n: int) -> Path:
+    def run(name: str, init: str, model: dict | None, n: int, seed: int = 0) -> Path:
         raw = {
             "data": {"dir": str(data)},
             "optim": {"lr": args.lr, "warmup_steps": 2, "weight_decay": 0.0, "grad_clip": args.grad_clip},
@@ -70,6 +77,7 @@ def main() -> None:
                 "init": init,
                 "out": str(out / name),
                 "steps": n,
+                "seed": seed,
                 "batch_size": args.batch_size,
                 "seq_len": args.seq_len,
                 "eval_every": 0,
@@ -94,7 +102,7 @@ def main() -> None:
         )
         return res["perplexity"]
 
-    rows = []
+    rows: list[dict] = []
     dense_path = run("dense", args.init, None, steps)
     dense, tok = load_model(str(dense_path))
     ppl_dense = score(dense, tok)
@@ -110,22 +118,32 @@ def main() -> None:
         "sep_eps": args.sep_eps,
     }
     tag = ("" if args.router_init == "random" else f"-{args.router_init}") + args.tag
-    grouped = add_methods(dense, dense.cfg.replace(lte=LTEConfig())).eval()  # same k-means grouping, no training
+
+    def grouped(dense) -> torch.nn.Module:  # the training-free baseline: same k-means grouping, no training
+        return add_methods(dense, dense.cfg.replace(lte=LTEConfig())).eval()
+
+    def point(eta: float, stage: int, n: int, path: Path, baseline: torch.nn.Module | None) -> dict:
+        model, _ = load_model(str(path))
+        ppl = score(model, tok)
+        rep = model.lte_report()  # after scoring: the sparsity its routers chose on the test text
+        row = {"eta": eta, "stage": stage, "steps": n, "ppl": ppl, "sparsity": rep["ffn_sparsity"], "per_layer": rep}
+        if baseline is not None:  # the training-free baseline at the same mean sparsity
+            set_magnitude_routing(baseline, 1 - rep["ffn_sparsity"])
+            baseline.lte_reset_stats()
+            row["training_free_ppl"] = score(baseline, tok)
+            row["training_free_sparsity"] = baseline.lte_report()["ffn_sparsity"]
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "per_layer"}), flush=True)
+        return row
+
+    base_grouped = grouped(dense)
+    stage2 = {}
     for eta in [float(e) for e in args.etas.split(",")]:
         s1 = run(f"eta{eta:g}{tag}-stage1", args.init, {"lte": {"eta": eta, **lte_common}}, args.stage1_steps)
         s2 = run(f"eta{eta:g}{tag}-stage2", str(s1), {"lte": {"eta": eta, "stage": 2, **lte_common}}, args.stage2_steps)
-        for stage, path in ((1, s1), (2, s2)):
-            model, _ = load_model(str(path))
-            ppl = score(model, tok)
-            rep = model.lte_report()
-            row = {"eta": eta, "stage": stage, "ppl": ppl, "sparsity": rep["ffn_sparsity"], "per_layer": rep}
-            if stage == 2:  # the training-free baseline at the same mean sparsity
-                set_magnitude_routing(grouped, 1 - rep["ffn_sparsity"])
-                grouped.lte_reset_stats()
-                row["training_free_ppl"] = score(grouped, tok)
-                row["training_free_sparsity"] = grouped.lte_report()["ffn_sparsity"]
-            rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "per_layer"}), flush=True)
+        point(eta, 1, args.stage1_steps, s1, None)
+        point(eta, 2, steps, s2, base_grouped)
+        stage2[eta] = s2
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "args": vars(args),
@@ -133,6 +151,20 @@ def main() -> None:
         "dense_finetune_ppl": ppl_dense,
         "points": rows,
     }
+    # both arms continue from their own end with the same fresh schedule and a new data order
+    dense_ppl, added = {steps: ppl_dense}, 0
+    for seed, n in enumerate((int(c) for c in args.continue_steps.split(",") if c), start=1):
+        added += n
+        dense_path = run(f"dense-cont{added}", str(dense_path), None, n, seed=seed)
+        dense_c, _ = load_model(str(dense_path))
+        dense_ppl[steps + added] = score(dense_c, tok)
+        print(f"dense fine-tune, {steps + added} steps: ppl {dense_ppl[steps + added]:.3f}", flush=True)
+        baseline = grouped(dense_c)
+        for eta, s2 in stage2.items():
+            lte = {"lte": {"eta": eta, "stage": 2, **lte_common}}
+            stage2[eta] = run(f"eta{eta:g}{tag}-stage2-cont{added}", str(s2), lte, n, seed=seed)
+            point(eta, 2, steps + added, stage2[eta], baseline)
+    result["dense_ppl_by_steps"] = dense_ppl
     (out / f"sweep{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out / f"sweep{tag}.png")
 
@@ -143,17 +175,23 @@ def plot(result: dict, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = sorted((p for p in result["points"] if p["stage"] == 2), key=lambda p: p["sparsity"])
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([p["sparsity"] for p in pts], [p["ppl"] for p in pts], "o-", label="LTE (stage 2)")
-    for p in pts:
-        ax.annotate(f"η={p['eta']:g}", (p["sparsity"], p["ppl"]), fontsize=8)
-    ax.plot([p["training_free_sparsity"] for p in pts], [p["training_free_ppl"] for p in pts], "s--", label="top-|h|")
-    ax.axhline(result["dense_finetune_ppl"], color="gray", ls=":", label="dense fine-tune")
+    budgets = sorted({p["steps"] for p in result["points"] if p["stage"] == 2})
+    dense = {int(n): ppl for n, ppl in result["dense_ppl_by_steps"].items()}  # JSON keys are strings
+    for i, n in enumerate(budgets):
+        pts = sorted((p for p in result["points"] if p["stage"] == 2 and p["steps"] == n), key=lambda p: p["sparsity"])
+        color = f"C{i}"
+        ax.plot([p["sparsity"] for p in pts], [p["ppl"] for p in pts], "o-", color=color, label=f"LTE, {n} steps")
+        for p in pts:
+            ax.annotate(f"η={p['eta']:g}", (p["sparsity"], p["ppl"]), fontsize=8)
+        tf_s, tf_p = [p["training_free_sparsity"] for p in pts], [p["training_free_ppl"] for p in pts]
+        ax.plot(tf_s, tf_p, "s--", color=color, alpha=0.6, label=f"top-|h| of the dense fine-tune, {n} steps")
+        if n in dense:
+            ax.axhline(dense[n], color=color, ls=":", label=f"dense fine-tune, {n} steps")
     ax.set_xlabel("FFN neuron sparsity")
     ax.set_yscale("log")
     ax.set_ylabel("perplexity (wikitext-2 test, log scale)")
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
 
