@@ -15,11 +15,10 @@ import argparse
 import contextlib
 import json
 import statistics
-import time
 
 import torch
 
-from leanlm.bench import _summary
+from leanlm.bench import _summary, steps_in_turn
 from leanlm.checkpoint import load_model
 from leanlm.model import decode_layout
 
@@ -29,25 +28,18 @@ KERNELS = ("torch", "cpp")
 @torch.inference_mode()
 def run(models: dict, tokens: torch.Tensor, prompt_len: int) -> tuple[dict, float]:
     """Seconds each copy spent on the steps after `prompt_len`, and the largest |logit difference| between them."""
-    elapsed = dict.fromkeys(models, 0.0)
-    diff = 0.0
+    diffs = [0.0]
     for m in models.values():
         m.setup_caches(1, tokens.shape[1])
         m(tokens[:, :prompt_len], last_only=True)
-    order = list(models)
     try:
-        for s in range(prompt_len, tokens.shape[1]):
-            out = {}
-            for k in order:
-                t0 = time.perf_counter()
-                out[k] = models[k](tokens[:, s : s + 1], start=s)
-                elapsed[k] += time.perf_counter() - t0
-            diff = max(diff, float((out["torch"] - out["cpp"]).abs().max()))
-            order.reverse()
+        elapsed = steps_in_turn(
+            models, tokens, prompt_len, lambda out: diffs.append(float((out["torch"] - out["cpp"]).abs().max()))
+        )
     finally:
         for m in models.values():
             m.reset_caches()
-    return elapsed, diff
+    return elapsed, max(diffs)
 
 
 def main() -> None:

@@ -21,11 +21,10 @@ import contextlib
 import json
 import statistics
 import sys
-import time
 
 import torch
 
-from leanlm.bench import _flops, _summary
+from leanlm.bench import _flops, _summary, steps_in_turn
 from leanlm.checkpoint import load_model
 from leanlm.data import TokenDataset
 from leanlm.model import decode_layout
@@ -36,10 +35,9 @@ def run(
     models: dict, prompts: list[torch.Tensor], prompt_len: int, steps: int, kernel: str = "torch"
 ) -> tuple[dict, dict]:
     """Per prompt (1, prompt_len + steps): every model prefills `prompt_len` tokens (untimed), then the models take
-    the `steps` cached one-token forwards in turn, step by step (the order flips every step), so both arms see the
-    same load on a shared machine; a quiet spell or a noisy neighbour cannot favour one of them. Returns the seconds
-    each model spent decoding, summed over the prompts, and for each SUBLLM the (kept, seen) counts per stage of the
-    prefills and of the decoded steps."""
+    the `steps` cached one-token forwards in turn (leanlm.bench.steps_in_turn). Returns the seconds each model spent
+    decoding, summed over the prompts, and for each SUBLLM the (kept, seen) counts per stage of the prefills and of
+    the decoded steps."""
     counts = {k: m.retention_counts for k, m in models.items() if hasattr(m, "retention_counts")}
     kept = {k: [torch.zeros_like(c), torch.zeros_like(c)] for k, c in counts.items()}  # prefilled, decoded
     elapsed = dict.fromkeys(models, 0.0)
@@ -55,13 +53,8 @@ def run(
                 for k, c in counts.items():
                     kept[k][0] += c - before[k]
                     before[k] = c.clone()
-                order = list(models)
-                for s in range(prompt_len, prompt_len + steps):
-                    for k in order:
-                        t0 = time.perf_counter()
-                        models[k](tokens[:, s : s + 1], start=s, last_only=True)
-                        elapsed[k] += time.perf_counter() - t0
-                    order.reverse()
+                for k, t in steps_in_turn(models, tokens[:, : prompt_len + steps], prompt_len).items():
+                    elapsed[k] += t
                 for k, c in counts.items():
                     kept[k][1] += c - before[k]
             finally:

@@ -325,6 +325,30 @@ def _summary(samples: Sequence[float]) -> dict:
     return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "samples": list(samples)}
 
 
+@torch.inference_mode()
+def steps_in_turn(
+    models: dict[str, nn.Module], tokens: Tensor, start: int, on_step: Callable[[dict], None] | None = None
+) -> dict[str, float]:
+    """Cached one-token forwards of several leanlm models over tokens[:, start:], taken in turn step by step (the
+    order flips every step), so every model sees the same load on a shared machine: a quiet spell or a noisy
+    neighbour cannot favour one of them. The caches must already hold tokens[:, :start] (the caller prefills, untimed).
+
+    Returns the seconds each model spent on its steps; `on_step` gets each step's {name: (1, 1, vocab) logits}.
+    """
+    elapsed = dict.fromkeys(models, 0.0)
+    order = list(models)
+    for s in range(start, tokens.shape[1]):
+        out = {}
+        for k in order:
+            t0 = time.perf_counter()
+            out[k] = models[k](tokens[:, s : s + 1], start=s, last_only=True)  # (1, 1, V)
+            elapsed[k] += time.perf_counter() - t0
+        if on_step is not None:
+            on_step(out)
+        order.reverse()
+    return elapsed
+
+
 def _check_args(
     what: Sequence[str], seq_len: int, batch: int, prompt_len: int, new_tokens: int, repeats: int, warmup: int
 ) -> None:

@@ -100,6 +100,28 @@ def test_prefill_and_decode(tiny):
         bench_decode(tiny, batch=1, prompt_len=8, new_tokens=1)
 
 
+def test_steps_in_turn_is_cached_decode_of_each_model():
+    """Two different models decode the same tokens step by step in turn: each step's logits are that model's full
+    forward at that position (so neither sees the other's cache), and both get timed."""
+    models = {"a": load_model("tiny")[0].eval(), "b": load_model("tiny", seed=1)[0].eval()}
+    tokens = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(0))  # (1, T)
+    full = {k: m(tokens) for k, m in models.items()}  # (1, T, V)
+    for m in models.values():
+        m.setup_caches(1, tokens.shape[1])
+        m(tokens[:, :8], last_only=True)
+    steps: list[dict] = []
+    try:
+        elapsed = bench.steps_in_turn(models, tokens, 8, steps.append)
+    finally:
+        for m in models.values():
+            m.reset_caches()
+    assert len(steps) == 4 and set(elapsed) == {"a", "b"} and all(t > 0 for t in elapsed.values())
+    assert not torch.allclose(full["a"], full["b"])
+    for i, out in enumerate(steps):
+        for k in models:
+            torch.testing.assert_close(out[k][0, -1], full[k][0, 8 + i], atol=1e-4, rtol=1e-4)
+
+
 def test_hf_runners_do_the_same_work(tiny):
     pytest.importorskip("transformers")
     from leanlm.hf import to_hf_model
