@@ -10,8 +10,10 @@ Per eta it runs what `leanlm train` runs for
     run.init=<stage-1 final>, model: {lte: {stage: 2, ...}}         (stage 2: frozen routers, hard routing)
 and evaluates the final model with the `leanlm eval` protocol. The dense reference is fine-tuned for
 stage1 + stage2 steps from the same init; the training-free baseline groups the dense fine-tune's neurons the same
-way and keeps, per token, as many experts as the LTE point selected on average. Writes <out>/sweep.json and
-<out>/sweep.png (perplexity vs FFN sparsity).
+way and keeps, per token, as many experts as the LTE point selected on average. `--continue-steps 500,500` then
+trains the dense model and every stage 2 further from their ends, in the same amounts, and evaluates each budget.
+Runs whose final/ exists are not trained again. Writes <out>/sweep.json and <out>/sweep.png (perplexity vs FFN
+sparsity, one series per budget).
 """
 
 from __future__ import annotations
