@@ -247,10 +247,8 @@ class RandomLTD:
             raise LeanLMError("ltd: random-LTD training expects plain causal windows (no attention mask)")
         # drawn here, once per forward and outside any checkpointed block, so a recomputed block sees the same tokens
         keep = sample_kept(len(self.drop) if self.layerwise else 1, B, n, self.r, idx.device)  # (G, B, r)
-        if pos is None:
-            pos = torch.arange(start, start + n, device=idx.device).unsqueeze(0)  # (1, n)
         x = m.embed_tokens(idx)  # (B, n, C)
-        cos, sin = m.rope(pos, x.dtype)  # (1 or B, 1, n, D)
+        cos, sin, _ = m.rope_rows(pos, start, n, x)  # (1 or B, 1, n, D)
         g = 0
         for i, layer in enumerate(m.layers):
             if i in self.drop:

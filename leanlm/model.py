@@ -356,16 +356,22 @@ class Transformer(nn.Module):
         """
         B, T = idx.shape
         x = self.embed(idx)  # (B, T, C)
-        if pos is None and T == 1:
-            cos, sin = self.rope.at(start, x.dtype)  # (1, D)
-        else:
-            if pos is None:
-                pos = torch.arange(start, start + T, device=idx.device).unsqueeze(0)  # (1, T)
-            cos, sin = self.rope(pos, x.dtype)
+        cos, sin, _ = self.rope_rows(pos, start, T, x)
         caches = self.caches or [None] * len(self.layers)
         for layer, cache in zip(self.layers, caches):
             x = layer(x, cos, sin, cache, start, mask)
         return self.logits(x, last_only)
+
+    def rope_rows(self, pos: Tensor | None, start: int, T: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor | int]:
+        """RoPE cos, signed sin for T tokens with hidden states x, and their positions: `pos` or, without it, start..
+        For one token without `pos` (a decode step of unpadded rows) the rows are (1, D) views of the tables and the
+        positions stay the int `start` (a gather and a positions tensor cost ~0.1 ms mid-step, kernels.cpp); otherwise
+        (1 or B, 1, T, D) and a (1 or B, T) tensor."""
+        if pos is None and T == 1:
+            return (*self.rope.at(start, x.dtype), start)
+        if pos is None:
+            pos = torch.arange(start, start + T, device=x.device).unsqueeze(0)  # (1, T)
+        return (*self.rope(pos, x.dtype), pos)
 
     def embed(self, idx: Tensor) -> Tensor:
         """Token ids (B, T) -> embeddings (B, T, C)."""

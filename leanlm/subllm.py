@@ -431,12 +431,8 @@ class SubLLM(Transformer):
         if topk and self.caches is not None:
             raise LeanLMError("SUBLLM generation uses threshold selection (call model.eval())")
         x = self.embed(idx)  # (B, T, C)
-        if pos is None and T == 1:  # a decode step: positions stay an int until a gather needs them (_subsample)
-            (cos, sin), pos = self.rope.at(start, x.dtype), start
-        else:
-            if pos is None:
-                pos = torch.arange(start, start + T, device=idx.device).unsqueeze(0)  # (1, T)
-            cos, sin = self.rope(pos, x.dtype)
+        cos, sin, pos = self.rope_rows(pos, start, T, x)  # a decode step's int position waits for a gather (_subsample)
+        if not isinstance(pos, int):
             pos = pos.expand(B, -1)
         valid = None if mask is None else mask[:, 0, -1, start : start + T]  # (B, T) real tokens
         # pos: (B, T) absolute positions, or the int p for positions p.. of every row
@@ -539,9 +535,8 @@ class SubLLM(Transformer):
         outer = stack.pop()
         if outer.get("one") == j:  # the single kept token of _subsample_one: x + w * b * (y - x), in two ops (or one)
             b = self._stage_param(j)[1]  # (C,)
-            x, y = outer["x"], inner["x"]
-            w = outer["w"]
-            outer["x"] = self._ops.upsample(x, y, b, w) if self._ops else torch.addcmul(x, b, y - x, value=w)
+            x, y, w = outer["x"], inner["x"], outer["w"]
+            outer["x"] = torch.addcmul(x, b, y - x, value=w) if self._ops is None else self._ops.upsample(x, y, b, w)
             return outer
         x, idx, w, xg = outer["x"], outer["idx"], outer["w"], outer["xg"]
         scale = self.stages[j].bypass_scale  # (C,)
