@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -57,6 +58,12 @@ def main() -> None:
         "<name>-cont<steps added so far>)",
     )
     args = ap.parse_args()
+    try:
+        extra = [int(c) for c in args.continue_steps.split(",") if c.strip()]  # steps of each continuation
+        if any(n < 1 for n in extra):
+            raise ValueError
+    except ValueError:
+        sys.exit(f"error: --continue-steps must be step counts >= 1, comma-separated (got {args.continue_steps!r})")
     torch.set_num_threads(args.threads)
 
     from leanlm.checkpoint import add_methods, load_model
@@ -121,10 +128,13 @@ def main() -> None:
     }
     tag = ("" if args.router_init == "random" else f"-{args.router_init}") + args.tag
 
+    def lte(eta: float, stage: int) -> dict:
+        return {"lte": {"eta": eta, "stage": stage, **lte_common}}
+
     def grouped(dense) -> torch.nn.Module:  # the training-free baseline: same k-means grouping, no training
         return add_methods(dense, dense.cfg.replace(lte=LTEConfig())).eval()
 
-    def point(eta: float, stage: int, n: int, path: Path, baseline: torch.nn.Module | None) -> dict:
+    def point(eta: float, stage: int, n: int, path: Path, baseline: torch.nn.Module | None) -> None:
         model, _ = load_model(str(path))
         ppl = score(model, tok)
         rep = model.lte_report()  # after scoring: the sparsity its routers chose on the test text
@@ -136,13 +146,12 @@ def main() -> None:
             row["training_free_sparsity"] = baseline.lte_report()["ffn_sparsity"]
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "per_layer"}), flush=True)
-        return row
 
     base_grouped = grouped(dense)
     stage2 = {}
     for eta in [float(e) for e in args.etas.split(",")]:
-        s1 = run(f"eta{eta:g}{tag}-stage1", args.init, {"lte": {"eta": eta, **lte_common}}, args.stage1_steps)
-        s2 = run(f"eta{eta:g}{tag}-stage2", str(s1), {"lte": {"eta": eta, "stage": 2, **lte_common}}, args.stage2_steps)
+        s1 = run(f"eta{eta:g}{tag}-stage1", args.init, lte(eta, 1), args.stage1_steps)
+        s2 = run(f"eta{eta:g}{tag}-stage2", str(s1), lte(eta, 2), args.stage2_steps)
         point(eta, 1, args.stage1_steps, s1, None)
         point(eta, 2, steps, s2, base_grouped)
         stage2[eta] = s2
@@ -155,7 +164,7 @@ def main() -> None:
     }
     # both arms continue from their own end with the same fresh schedule and a new data order
     dense_ppl, added = {steps: ppl_dense}, 0
-    for seed, n in enumerate((int(c) for c in args.continue_steps.split(",") if c), start=1):
+    for seed, n in enumerate(extra, start=1):
         added += n
         dense_path = run(f"dense-cont{added}", str(dense_path), None, n, seed=seed)
         dense_c, _ = load_model(str(dense_path))
@@ -163,8 +172,7 @@ def main() -> None:
         print(f"dense fine-tune, {steps + added} steps: ppl {dense_ppl[steps + added]:.3f}", flush=True)
         baseline = grouped(dense_c)
         for eta, s2 in stage2.items():
-            lte = {"lte": {"eta": eta, "stage": 2, **lte_common}}
-            stage2[eta] = run(f"eta{eta:g}{tag}-stage2-cont{added}", str(s2), lte, n, seed=seed)
+            stage2[eta] = run(f"eta{eta:g}{tag}-stage2-cont{added}", str(s2), lte(eta, 2), n, seed=seed)
             point(eta, 2, steps + added, stage2[eta], baseline)
     result["dense_ppl_by_steps"] = dense_ppl
     (out / f"sweep{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
