@@ -87,11 +87,7 @@ def build_model(cfg: ModelConfig) -> Transformer:
 def add_methods(model: Transformer, cfg: ModelConfig, seed: int = 0) -> Transformer:
     """Turn a trained model into the architecture `cfg` describes: same backbone weights, the method's new modules
     initialised as the method initialises them (e.g. a pretrained LLaMA uptrained into a SUBLLM with `run.init`)."""
-
-    def backbone(c: ModelConfig) -> ModelConfig:
-        return c.replace(dtype="float32", **{m: None for m in METHODS})
-
-    if backbone(model.cfg) != backbone(cfg):
+    if model.cfg.backbone() != cfg.backbone():
         raise LeanLMError(f"cannot convert into {cfg.arch}: the model's backbone differs from the configured one")
     for m in METHODS:
         if getattr(model.cfg, m, None) is not None and getattr(model.cfg, m) != getattr(cfg, m, None):

@@ -290,6 +290,10 @@ class ModelConfig:
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
+    def backbone(self) -> ModelConfig:
+        """The dense baseline under the methods, in float32: what converting between methods must keep."""
+        return self.replace(dtype="float32", **{m: None for m in METHODS})
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # presets

@@ -566,9 +566,16 @@ def train(cfg: TrainConfig) -> dict:
             weights = None
         elif run.init:
             model, init_tok = load_model(run.init, dtype="float32", seed=run.seed)
-            init_arch = model.cfg.arch
+            init_arch, added = model.cfg.arch, None
             if cfg.add_methods:
                 added = ModelConfig.from_dict({**model.cfg.to_dict(), **cfg.add_methods}, where="model")
+            elif cfg.model is not None and cfg.model.backbone() == model.cfg.backbone():
+                # a whole model section on the init's backbone, e.g. the config.yaml that an LTE stage-1 run saved:
+                # its methods apply as a methods-only section's would, so re-running a saved config repeats the run
+                changed = {m: getattr(cfg.model, m) for m in METHODS if getattr(cfg.model, m) is not None}
+                if any(v != getattr(model.cfg, m) for m, v in changed.items()):
+                    added = model.cfg.replace(**changed)
+            if added is not None:
                 model = add_methods(model, added, seed=run.seed)
                 if model.cfg.arch != init_arch:
                     note(f"note: run.init={run.init}: converted into {added.arch} (new modules initialised)")

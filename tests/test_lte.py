@@ -19,7 +19,7 @@ from leanlm.errors import LeanLMError
 from leanlm.generate import generate
 from leanlm.lte import LTEMLP, balanced_kmeans, lte_layers
 from leanlm.model import Transformer, decode_layout
-from leanlm.train import config_from_dict, train
+from leanlm.train import config_from_dict, read_config_file, train
 
 CFG = dict(dim=64, ffn_dim=128)  # 4 experts of 32
 
@@ -278,6 +278,24 @@ def test_train_stage1_then_stage2_then_eval_and_generate(tmp_path, tiny_data, ti
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0 <= res["lte"]["ffn_sparsity"] <= 1
     assert main(["generate", "-m", s2["checkpoint"], "-p", "The quick", "-n", "4", "--ignore-eos"]) == 0
+
+
+def test_saved_config_of_an_lte_run_repeats_it(tmp_path, tiny_data):
+    # config.yaml records the whole model section (LTE included) next to run.init; re-running it must convert the
+    # init model again (stage 1) or switch its stage (stage 2), not train the init model as it is
+    dense = train(config_from_dict(run_cfg(tmp_path / "d", tiny_data, model={"preset": "tiny", **CFG}, steps=2)))
+    s1 = train(config_from_dict(run_cfg(tmp_path / "s1", tiny_data, dense["checkpoint"], {"lte": {"eta": 1.0}})))
+    train(config_from_dict(run_cfg(tmp_path / "s2", tiny_data, s1["checkpoint"], {"lte": {"stage": 2}})))
+    for name, stage in (("s1", 1), ("s2", 2)):
+        raw = read_config_file(tmp_path / name / "config.yaml")
+        assert set(raw["model"]) > {"lte", "dim"}  # the whole section, not the methods-only one given
+        raw["run"]["out"] = str(tmp_path / f"{name}-again")
+        again = train(config_from_dict(raw))
+        m, _ = load_model(again["checkpoint"])
+        assert m.cfg.arch == "lte" and m.cfg.lte.stage == stage
+        first, _ = load_model(str(tmp_path / name / "final"))
+        for a, b in zip(first.state_dict().values(), m.state_dict().values()):
+            assert torch.equal(a, b)  # same init, seed and data: the same run
 
 
 def test_lte_subllm_trains_and_generates(tmp_path, tiny_data):
