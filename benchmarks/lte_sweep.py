@@ -159,7 +159,6 @@ def main() -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "args": vars(args),
         "pretrained_ppl": ppl_base,
-        "dense_finetune_ppl": ppl_dense,
         "points": rows,
     }
     # both arms continue from their own end with the same fresh schedule and a new data order
