@@ -14,6 +14,13 @@ way and keeps, per token, as many experts as the LTE point selected on average. 
 trains the dense model and every stage 2 further from their ends, in the same amounts, and evaluates each budget.
 Runs whose final/ exists are not trained again. Writes <out>/sweep.json and <out>/sweep.png (perplexity vs FFN
 sparsity, one series per budget).
+
+`--dense-steps N` fine-tunes the dense reference for N steps instead, and keeps it as the one reference and
+training-free baseline source for every point, continuations included (e.g. the best dense model, when longer ones
+overfit). `--teacher PATH` distils stage 2 (and its continuations; `--distill-stages 1,2`: stage 1 too) from PATH
+(the training option `distill:`, not in the paper), e.g. `--dense-steps 180 --teacher out/x/dense/final --tag=-kd`:
+the dense run is trained first, so it can be the teacher. `--stage1-from-dense` starts stage 1 from the dense
+reference instead of `--init` (the paper's order: a dense fine-tune, then grouping and stage 1).
 """
 
 from __future__ import annotations
@@ -49,6 +56,15 @@ def main() -> None:
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--out", default="out/lte")
+    ap.add_argument(
+        "--dense-steps",
+        type=int,
+        help="fine-tune the dense reference for this many steps (default: "
+        "stage1 + stage2) and compare every point with it",
+    )
+    ap.add_argument("--teacher", help="distil the LTE stages of --distill-stages from this model (distill.teacher)")
+    ap.add_argument("--distill-stages", default="2", help="comma-separated LTE stages that --teacher distils")
+    ap.add_argument("--stage1-from-dense", action="store_true", help="start stage 1 from the dense reference")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     ap.add_argument(
         "--continue-steps",
@@ -78,7 +94,7 @@ def main() -> None:
     prepare([args.train], data, tokenizer=args.init, val_fraction=0.05, progress=False)
     steps = args.stage1_steps + args.stage2_steps
 
-    def run(name: str, init: str, model: dict | None, n: int, seed: int = 0) -> Path:
+    def run(name: str, init: str, model: dict | None, n: int, seed: int = 0, teacher: str | None = None) -> Path:
         raw = {
             "data": {"dir": str(data)},
             "optim": {"lr": args.lr, "warmup_steps": 2, "weight_decay": 0.0, "grad_clip": args.grad_clip},
@@ -98,6 +114,8 @@ def main() -> None:
         }
         if model:
             raw["model"] = model
+        if teacher:
+            raw["distill"] = {"teacher": teacher}
         final = out / name / "final"
         if not final.exists():
             t0 = time.time()
@@ -112,10 +130,11 @@ def main() -> None:
         return res["perplexity"]
 
     rows: list[dict] = []
-    dense_path = run("dense", args.init, None, steps)
+    dense_steps = args.dense_steps or steps
+    dense_path = run("dense", args.init, None, dense_steps)
     dense, tok = load_model(str(dense_path))
     ppl_dense = score(dense, tok)
-    print(f"dense fine-tune: ppl {ppl_dense:.3f}", flush=True)
+    print(f"dense fine-tune, {dense_steps} steps: ppl {ppl_dense:.3f}", flush=True)
     base, _ = load_model(args.init)
     ppl_base = score(base, tok)
     print(f"pretrained: ppl {ppl_base:.3f}", flush=True)
@@ -147,11 +166,15 @@ def main() -> None:
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "per_layer"}), flush=True)
 
+    def teacher(stage: int) -> str | None:
+        return args.teacher if str(stage) in args.distill_stages.split(",") else None
+
+    init1 = str(dense_path) if args.stage1_from_dense else args.init
     base_grouped = grouped(dense)
     stage2 = {}
     for eta in [float(e) for e in args.etas.split(",")]:
-        s1 = run(f"eta{eta:g}{tag}-stage1", args.init, lte(eta, 1), args.stage1_steps)
-        s2 = run(f"eta{eta:g}{tag}-stage2", str(s1), lte(eta, 2), args.stage2_steps)
+        s1 = run(f"eta{eta:g}{tag}-stage1", init1, lte(eta, 1), args.stage1_steps, teacher=teacher(1))
+        s2 = run(f"eta{eta:g}{tag}-stage2", str(s1), lte(eta, 2), args.stage2_steps, teacher=teacher(2))
         point(eta, 1, args.stage1_steps, s1, None)
         point(eta, 2, steps, s2, base_grouped)
         stage2[eta] = s2
@@ -162,16 +185,20 @@ def main() -> None:
         "points": rows,
     }
     # both arms continue from their own end with the same fresh schedule and a new data order
-    dense_ppl, added = {steps: ppl_dense}, 0
+    dense_ppl, added = {dense_steps: ppl_dense}, 0
+    baseline = base_grouped
     for seed, n in enumerate(extra, start=1):
         added += n
-        dense_path = run(f"dense-cont{added}", str(dense_path), None, n, seed=seed)
-        dense_c, _ = load_model(str(dense_path))
-        dense_ppl[steps + added] = score(dense_c, tok)
-        print(f"dense fine-tune, {steps + added} steps: ppl {dense_ppl[steps + added]:.3f}", flush=True)
-        baseline = grouped(dense_c)
+        if not args.dense_steps:  # else the one reference stays
+            dense_path = run(f"dense-cont{added}", str(dense_path), None, n, seed=seed)
+            dense_c, _ = load_model(str(dense_path))
+            dense_ppl[steps + added] = score(dense_c, tok)
+            print(f"dense fine-tune, {steps + added} steps: ppl {dense_ppl[steps + added]:.3f}", flush=True)
+            baseline = grouped(dense_c)
         for eta, s2 in stage2.items():
-            stage2[eta] = run(f"eta{eta:g}{tag}-stage2-cont{added}", str(s2), lte(eta, 2), n, seed=seed)
+            stage2[eta] = run(
+                f"eta{eta:g}{tag}-stage2-cont{added}", str(s2), lte(eta, 2), n, seed=seed, teacher=teacher(2)
+            )
             point(eta, 2, steps + added, stage2[eta], baseline)
     result["dense_ppl_by_steps"] = dense_ppl
     (out / f"sweep{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -187,6 +214,8 @@ def plot(result: dict, png: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     budgets = sorted({p["steps"] for p in result["points"] if p["stage"] == 2})
     dense = {int(n): ppl for n, ppl in result["dense_ppl_by_steps"].items()}  # JSON keys are strings
+    # --dense-steps: one reference, and the source of every training-free point
+    fixed = next(iter(dense)) if len(dense) == 1 and next(iter(dense)) not in budgets else None
     for i, n in enumerate(budgets):
         pts = sorted((p for p in result["points"] if p["stage"] == 2 and p["steps"] == n), key=lambda p: p["sparsity"])
         color = f"C{i}"
@@ -194,9 +223,12 @@ def plot(result: dict, png: Path) -> None:
         for p in pts:
             ax.annotate(f"η={p['eta']:g}", (p["sparsity"], p["ppl"]), fontsize=8)
         tf_s, tf_p = [p["training_free_sparsity"] for p in pts], [p["training_free_ppl"] for p in pts]
-        ax.plot(tf_s, tf_p, "s--", color=color, alpha=0.6, label=f"top-|h| of the dense fine-tune, {n} steps")
+        ax.plot(tf_s, tf_p, "s--", color=color, alpha=0.6, label=f"top-|h| of the dense fine-tune, {fixed or n} steps")
         if n in dense:
             ax.axhline(dense[n], color=color, ls=":", label=f"dense fine-tune, {n} steps")
+    for n, ppl in dense.items():  # a --dense-steps reference of another length than any LTE budget
+        if n not in budgets:
+            ax.axhline(ppl, color="gray", ls=":", label=f"dense fine-tune, {n} steps")
     ax.set_xlabel("FFN neuron sparsity")
     ax.set_yscale("log")
     ax.set_ylabel("perplexity (wikitext-2 test, log scale)")

@@ -3,13 +3,14 @@
     leanlm train --config configs/tiny-cpu.yaml --set run.steps=100 --set optim.lr=1e-3
     torchrun --nproc_per_node 2 -m leanlm train --config configs/tiny-cpu.yaml --set run.strategy=fsdp
 
-A config has four sections (and an optional fifth, ltd); every key is optional except a model (or run.init) and data:
+A config has four sections (and optional ltd and distill); every key is optional except a model (or run.init) and data:
 
     model: {preset: cpu-10m, max_seq_len: 256}   # a preset plus ModelConfig overrides, or every ModelConfig field
     data:  {inputs: [stdlib], vocab_size: 8192}  # text to prepare into <run.out>/data, or {dir: PREPARED_DIR}
     optim: {lr: 1.0e-3, schedule: cosine, warmup_steps: 100}           # see leanlm.optim.OptimConfig
     run:   {out: out/run, steps: 1000, batch_size: 16, seq_len: 256}   # see RunConfig below
     ltd:   {r_min: 64, q: 16}                    # optional: random-LTD training (leanlm.ltd.LTDConfig)
+    distill: {teacher: out/dense/final}          # optional: distil from a teacher model (DistillConfig below)
 
 `--set section.key=value` overrides one key; the value is parsed as YAML (`run.bf16=true`, `optim.betas=[0.9,0.99]`).
 Unknown keys and wrong types are errors naming the full key. The resolved config is written to `<run.out>/config.yaml`.
@@ -122,6 +123,48 @@ class RunConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation from a teacher, e.g. the dense model an LTE or SUBLLM model is converted from.
+
+    The minimised objective becomes (1 - weight) * cross-entropy + weight * T^2 * KL(teacher || student) at
+    temperature T, plus the method's own loss; the logged loss stays the cross-entropy, so runs remain comparable.
+    Not in the LTE or SUBLLM papers: a lever for fine-tuning on little text, where the hard labels overfit
+    (docs/results.md, LTE).
+    """
+
+    teacher: str | None = None  # required: a preset with weights, checkpoint, HF dir or .gguf with the same vocab
+    weight: float = 1.0  # 1: the teacher's distribution only; 0: cross-entropy only
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.teacher:
+            raise LeanLMError("distill.teacher: required (a model to distil from: checkpoint, .gguf or preset)")
+        if not 0 <= self.weight <= 1:
+            raise LeanLMError(f"distill.weight: must be in [0, 1] (got {self.weight!r})")
+        if not self.temperature > 0:
+            raise LeanLMError(f"distill.temperature: must be > 0 (got {self.temperature!r})")
+
+
+def distill_loss(logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """T^2 * KL(teacher || student) per token, averaged over tokens; T^2 keeps the gradient's scale independent of T."""
+    s = F.log_softmax(logits.float().flatten(0, 1) / temperature, dim=-1)  # (B*T, V)
+    t = F.log_softmax(teacher_logits.float().flatten(0, 1) / temperature, dim=-1)  # (B*T, V)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+
+
+def load_teacher(cfg: DistillConfig, vocab_size: int, seq_len: int, device: torch.device) -> nn.Module:
+    from leanlm.checkpoint import load_model
+
+    teacher, _ = load_model(cfg.teacher, dtype="float32")
+    where = f"distill.teacher={cfg.teacher}"
+    if teacher.cfg.vocab_size != vocab_size:
+        raise LeanLMError(f"{where}: vocab size {teacher.cfg.vocab_size} differs from the model's {vocab_size}")
+    if teacher.cfg.max_seq_len < seq_len:
+        raise LeanLMError(f"{where}: its context of {teacher.cfg.max_seq_len} is shorter than run.seq_len={seq_len}")
+    return teacher.to(device).eval().requires_grad_(False)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig | None  # None only with run.init (the architecture is then the init model's)
     data: DataConfig
@@ -130,6 +173,7 @@ class TrainConfig:
     # with run.init, a model section holding only method keys (e.g. `subllm`) adds those methods to the init model
     add_methods: dict | None = None
     ltd: LTDConfig | None = None  # random-LTD (leanlm/ltd.py), a training option for any dense model
+    distill: DistillConfig | None = None  # knowledge distillation from a teacher model
 
     def to_dict(self) -> dict:
         return {
@@ -138,6 +182,7 @@ class TrainConfig:
             "optim": dataclasses.asdict(self.optim),
             "run": dataclasses.asdict(self.run),
             **({"ltd": dataclasses.asdict(self.ltd)} if self.ltd is not None else {}),
+            **({"distill": dataclasses.asdict(self.distill)} if self.distill is not None else {}),
         }
 
 
@@ -147,6 +192,7 @@ SECTIONS: dict[str, type] = {
     "optim": OptimConfig,
     "run": RunConfig,
     "ltd": LTDConfig,  # optional: absent = no random-LTD
+    "distill": DistillConfig,  # optional: absent = no teacher
 }
 
 
@@ -195,7 +241,7 @@ def config_from_dict(raw: dict) -> TrainConfig:
         raise LeanLMError(f"unknown section {unknown[0]!r} (allowed: {', '.join(SECTIONS)})")
     parts: dict[str, Any] = {}
     for section, cls in SECTIONS.items():
-        if section == "ltd" and raw.get(section) is None:
+        if section in ("ltd", "distill") and raw.get(section) is None:
             continue
         data = raw.get(section) or {}
         if not isinstance(data, dict):
@@ -630,6 +676,11 @@ def train(cfg: TrainConfig) -> dict:
             train_data, local_batch, run.seq_len, seed=run.seed, rank=d.rank, world_size=d.world_size
         )
 
+        # a frozen teacher per process: its logits are targets, never trained or sharded
+        teacher = None
+        if cfg.distill is not None:
+            teacher = load_teacher(cfg.distill, model_cfg.vocab_size, run.seq_len, d.device)
+
         # ---- optimizer: after wrapping, since FSDP replaces the parameters with shards -------------------------------
         raw = model.float().to(d.device)
         model = distributed.wrap(raw, strategy, d)
@@ -654,13 +705,18 @@ def train(cfg: TrainConfig) -> dict:
         by_layer_tokens = cfg.ltd is not None or run.layer_token_budget is not None or cfg.optim.lr_index != "steps"
         extra = ["layer_tokens", "ltd_r"] if by_layer_tokens else []
         extra += list(train_metrics()) if train_metrics else []
+        extra += ["distill_kl"] if teacher is not None else []
         log = MetricsLog(out, step, enabled=d.is_main, extra=extra)
         stack.callback(log.close)
 
         # ---- loop ----------------------------------------------------------------------------------------------------
         set_step = getattr(raw, "set_step", None)  # methods with step-dependent schedules
         aux_loss = getattr(raw, "aux_loss", None)  # methods with an extra loss term (e.g. an efficiency penalty)
-        flops_per_token = raw.flops_per_token(run.seq_len, training=True) if hasattr(raw, "flops_per_token") else None
+        # executed FLOPs per training token: the model's forward + backward, plus the teacher's forward when distilling
+        teacher_flops = teacher.flops_per_token(run.seq_len) if teacher is not None else 0.0
+        flops_per_token = (
+            raw.flops_per_token(run.seq_len, training=True) + teacher_flops if hasattr(raw, "flops_per_token") else None
+        )
         tokens_per_step = run.batch_size * run.seq_len * run.grad_accum
         ltd = RandomLTD(raw, plan).attach() if plan.ltd is not None else None
         if ltd is not None:
@@ -689,7 +745,7 @@ def train(cfg: TrainConfig) -> dict:
                 set_step(step)
             if ltd is not None:
                 ltd.set_step(step)
-                flops_per_token = ltd.flops_per_token()
+                flops_per_token = ltd.flops_per_token() + teacher_flops
             if cfg.optim.lr_index == "layer_tokens":
                 L = model_cfg.n_layers
                 lr = schedule_lr_layer_tokens(layer_tokens / L, lt_total / L, tokens_per_step, cfg.optim)
@@ -698,15 +754,24 @@ def train(cfg: TrainConfig) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             loss_sum = torch.zeros((), device=d.device)  # cross-entropy: the number comparable across methods
-            objective_sum = torch.zeros((), device=d.device)  # what is minimised: cross-entropy + aux_loss
+            objective_sum = torch.zeros((), device=d.device)  # what is minimised: cross-entropy (+ KD) + aux_loss
+            kd_sum = torch.zeros((), device=d.device)
             for micro in range(run.grad_accum):
                 x, y = next(batches)
                 x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
                 with distributed.grad_sync(model, enabled=micro == run.grad_accum - 1):
                     with autocast():
-                        logits = model(x)
+                        logits = model(x)  # (B, T, V)
                         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-                        total = loss + aux_loss() if aux_loss is not None else loss
+                        total = loss
+                        if teacher is not None:
+                            with torch.no_grad():
+                                teacher_logits = teacher(x)  # (B, T, V)
+                            kd = distill_loss(logits, teacher_logits, cfg.distill.temperature)
+                            total = (1 - cfg.distill.weight) * loss + cfg.distill.weight * kd
+                            kd_sum += kd.detach()
+                        if aux_loss is not None:
+                            total = total + aux_loss()
                     (total / run.grad_accum).backward()
                 loss_sum += loss.detach()
                 objective_sum += total.detach()
@@ -763,6 +828,7 @@ def train(cfg: TrainConfig) -> dict:
                         "flops_per_token": flops_per_token,
                         "layer_tokens": layer_tokens // model_cfg.n_layers,
                         "ltd_r": plan.kept(step - 1),
+                        "distill_kl": (kd_sum / run.grad_accum).item(),  # this step's, on this process's batch
                         **method_row,
                     }
                 )
@@ -844,7 +910,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     p = sub.add_parser(
         "train",
         help="train or fine-tune a model from a YAML config (one process, or several under torchrun)",
-        description="Train a model as a YAML config says (sections model, data, optim, run; see leanlm/train.py). "
+        description="Train a model as a YAML config says (sections model, data, optim, run, and optional ltd "
+        "and distill; see leanlm/train.py). "
         "Writes step checkpoints, final/, metrics.csv, config.yaml and loss.png to run.out. Under "
         "`torchrun --nproc_per_node N -m leanlm train ...` the global batch is split over N processes "
         "(run.strategy: ddp or fsdp).",

@@ -313,3 +313,89 @@ def test_finetune_from_checkpoint_via_cli(tmp_path, data_dir, corpus):
     assert float(rows[0]["loss"]) < res["loss"] + 0.3 < math.log(512)
     assert ft["steps"] == 2 and Path(ft["checkpoint"]) == out / "final"
     assert load_config(out / "config.yaml").model == preset("tiny", tie_embeddings=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# knowledge distillation
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(data_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    train(make_cfg(out, data_dir, steps=10, eval_every=0, save_every=0, log_every=10))
+    return out / "final"
+
+
+def with_distill(cfg, **distill):
+    import dataclasses
+
+    return dataclasses.replace(
+        cfg,
+        distill=train_mod.DistillConfig(**distill),
+        optim=dataclasses.replace(cfg.optim, weight_decay=0.0),
+    )
+
+
+def test_distill_loss_hand_computed():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 3, 5), torch.randn(2, 3, 5)  # (B, T, V)
+    T = 2.0
+    p_t = torch.softmax(t / T, -1)
+    expected = (p_t * (torch.log(p_t) - torch.log_softmax(s / T, -1))).sum(-1).mean() * T**2
+    assert train_mod.distill_loss(s, t, T).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert train_mod.distill_loss(t, t, T).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_distill_gradient_vanishes_at_the_teacher(teacher_ckpt):
+    # a student equal to its teacher gets (up to float rounding) no gradient from the KL term, unlike the CE term
+    from leanlm.checkpoint import load_model
+
+    student, _ = load_model(str(teacher_ckpt))
+    teacher = train_mod.load_teacher(train_mod.DistillConfig(str(teacher_ckpt)), 512, 32, torch.device("cpu"))
+    x, y = torch.randint(0, 300, (4, 32)), torch.randint(0, 300, (4, 32))
+    logits = student.train()(x)  # (B, T, V)
+    kd = train_mod.distill_loss(logits, teacher(x), temperature=2.0)
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+    params = list(student.parameters())
+    kd_norm = torch.cat([g.flatten() for g in torch.autograd.grad(kd, params, retain_graph=True)]).norm()
+    ce_norm = torch.cat([g.flatten() for g in torch.autograd.grad(ce, params)]).norm()
+    assert kd.item() == pytest.approx(0.0, abs=1e-6) and kd_norm < 1e-5 * ce_norm
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+
+
+def test_distill_pulls_the_student_to_the_teacher(tmp_path, data_dir, teacher_ckpt):
+    from leanlm.checkpoint import load_model
+
+    out = tmp_path / "student"
+    cfg = make_cfg(out, data_dir, steps=12, eval_every=0, save_every=0, seed=5)  # a fresh random student
+    res = train(with_distill(cfg, teacher=str(teacher_ckpt), weight=1.0, temperature=2.0))
+    kl = [float(r["distill_kl"]) for r in metrics(out)]
+    assert kl[-1] < 0.5 * kl[0]
+    assert load_config(out / "config.yaml").distill == train_mod.DistillConfig(str(teacher_ckpt), 1.0, 2.0)
+    # executed FLOPs count the teacher's forward on top of the student's forward + backward
+    teacher, _ = load_model(str(teacher_ckpt))
+    student, _ = load_model(str(out / "final"))
+    assert res["flops_per_token"] == pytest.approx(
+        student.flops_per_token(32, training=True) + teacher.flops_per_token(32)
+    )
+
+
+def test_distill_bad_input(tmp_path, data_dir, teacher_ckpt):
+    base = {"model": {"preset": "tiny"}, "data": {"dir": str(data_dir)}, "run": {"out": str(tmp_path / "r")}}
+    for distill, msg in [
+        ({}, "distill.teacher: required"),
+        ({"teacher": "t", "weight": 1.5}, r"distill.weight: must be in \[0, 1\]"),
+        ({"teacher": "t", "temperature": 0}, "distill.temperature: must be > 0"),
+        ({"teacher": "t", "alpha": 1}, "unknown key 'distill.alpha'"),
+    ]:
+        with pytest.raises(LeanLMError, match=msg):
+            config_from_dict({**base, "distill": distill})
+    cfg = make_cfg(tmp_path / "missing", data_dir, steps=1)
+    with pytest.raises(LeanLMError, match="no-such-teacher: no such file or directory"):
+        train(with_distill(cfg, teacher=str(tmp_path / "no-such-teacher")))
+    cfg = make_cfg(tmp_path / "vocab", data_dir, model={"preset": "tiny", "vocab_size": 600}, steps=1)
+    with pytest.raises(LeanLMError, match="vocab size 512 differs from the model's 600"):
+        train(with_distill(cfg, teacher=str(teacher_ckpt)))
+    cfg = make_cfg(tmp_path / "context", data_dir, model={"preset": "tiny", "max_seq_len": 512}, steps=1, seq_len=300)
+    with pytest.raises(LeanLMError, match="its context of 256 is shorter than run.seq_len=300"):
+        train(with_distill(cfg, teacher=str(teacher_ckpt)))
