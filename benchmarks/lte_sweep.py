@@ -80,6 +80,11 @@ def main() -> None:
             raise ValueError
     except ValueError:
         sys.exit(f"error: --continue-steps must be step counts >= 1, comma-separated (got {args.continue_steps!r})")
+    if args.dense_steps is not None and args.dense_steps < 1:
+        sys.exit(f"error: --dense-steps must be >= 1 (got {args.dense_steps})")
+    distilled = set(args.distill_stages.split(","))  # the LTE stages that --teacher distils
+    if not distilled <= {"1", "2"}:
+        sys.exit(f"error: --distill-stages must be 1, 2 or 1,2 (got {args.distill_stages!r})")
     torch.set_num_threads(args.threads)
 
     from leanlm.checkpoint import add_methods, load_model
@@ -167,7 +172,7 @@ def main() -> None:
         print(json.dumps({k: v for k, v in row.items() if k != "per_layer"}), flush=True)
 
     def teacher(stage: int) -> str | None:
-        return args.teacher if str(stage) in args.distill_stages.split(",") else None
+        return args.teacher if str(stage) in distilled else None
 
     init1 = str(dense_path) if args.stage1_from_dense else args.init
     base_grouped = grouped(dense)

@@ -417,16 +417,18 @@ def test_smollm2_grouping_preserves_logits(smollm2):
             torch.testing.assert_close(m(h), masked_dense_mlp(d, m, h, on), atol=3e-4, rtol=1e-4)
 
 
-def test_sweep_continue_steps_errors_are_one_line(tmp_path):
-    """benchmarks/lte_sweep.py: --continue-steps that are not step counts of at least 1 fail in one line naming the
-    flag, before anything is prepared or trained."""
+def test_sweep_flag_errors_are_one_line(tmp_path):
+    """benchmarks/lte_sweep.py: --continue-steps that are not step counts of at least 1, --dense-steps below 1 and
+    --distill-stages other than 1 and 2 fail in one line naming the flag, before anything is prepared or trained."""
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "lte_sweep.py"
-    for bad in ("abc", "500,0", "-5", "500,,x"):
-        cmd = [sys.executable, str(script), "--out", str(tmp_path / "out"), f"--continue-steps={bad}"]
+    bad_flags = [("--continue-steps", bad) for bad in ("abc", "500,0", "-5", "500,,x")]
+    bad_flags += [("--dense-steps", "0"), ("--dense-steps", "-3"), ("--distill-stages", "3"), ("--distill-stages", "")]
+    for flag, bad in bad_flags:
+        cmd = [sys.executable, str(script), "--out", str(tmp_path / "out"), f"{flag}={bad}"]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        assert r.returncode != 0 and r.stderr.count("\n") == 1 and "--continue-steps" in r.stderr, r.stderr
+        assert r.returncode != 0 and r.stderr.count("\n") == 1 and flag in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
