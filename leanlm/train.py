@@ -641,6 +641,10 @@ def train(cfg: TrainConfig) -> dict:
             run = dataclasses.replace(run, steps=total_steps)
             note(f"note: run.layer_token_budget={run.layer_token_budget}: {total_steps} optimizer steps")
         cfg = dataclasses.replace(cfg, model=model_cfg, run=run)
+        # a frozen teacher per process: its logits are targets, never trained or sharded; checked before any data
+        teacher = None
+        if cfg.distill is not None:
+            teacher = load_teacher(cfg.distill, model_cfg.vocab_size, run.seq_len, d.device)
 
         # ---- data: prepare on first use (rank 0), then every rank maps the same files --------------------------------
         data_dir = Path(cfg.data.dir) if cfg.data.dir else out / "data"
@@ -675,11 +679,6 @@ def train(cfg: TrainConfig) -> dict:
         batches = BatchIterator(
             train_data, local_batch, run.seq_len, seed=run.seed, rank=d.rank, world_size=d.world_size
         )
-
-        # a frozen teacher per process: its logits are targets, never trained or sharded
-        teacher = None
-        if cfg.distill is not None:
-            teacher = load_teacher(cfg.distill, model_cfg.vocab_size, run.seq_len, d.device)
 
         # ---- optimizer: after wrapping, since FSDP replaces the parameters with shards -------------------------------
         raw = model.float().to(d.device)

@@ -380,7 +380,7 @@ def test_distill_pulls_the_student_to_the_teacher(tmp_path, data_dir, teacher_ck
     )
 
 
-def test_distill_bad_input(tmp_path, data_dir, teacher_ckpt):
+def test_distill_bad_input(tmp_path, data_dir, corpus, teacher_ckpt):
     base = {"model": {"preset": "tiny"}, "data": {"dir": str(data_dir)}, "run": {"out": str(tmp_path / "r")}}
     for distill, msg in [
         ({}, "distill.teacher: required"),
@@ -390,9 +390,13 @@ def test_distill_bad_input(tmp_path, data_dir, teacher_ckpt):
     ]:
         with pytest.raises(LeanLMError, match=msg):
             config_from_dict({**base, "distill": distill})
-    cfg = make_cfg(tmp_path / "missing", data_dir, steps=1)
+    # a missing teacher fails before the text is prepared
+    raw = {"model": {"preset": "tiny"}, "data": {"inputs": [str(corpus)], "vocab_size": 300}}
+    raw["run"] = {"out": str(tmp_path / "missing"), "steps": 1, "seq_len": 32, "progress": False}
+    raw["distill"] = {"teacher": str(tmp_path / "no-such-teacher")}
     with pytest.raises(LeanLMError, match="no-such-teacher: no such file or directory"):
-        train(with_distill(cfg, teacher=str(tmp_path / "no-such-teacher")))
+        train(config_from_dict(raw))
+    assert not (tmp_path / "missing" / "data").exists()
     cfg = make_cfg(tmp_path / "vocab", data_dir, model={"preset": "tiny", "vocab_size": 600}, steps=1)
     with pytest.raises(LeanLMError, match="vocab size 512 differs from the model's 600"):
         train(with_distill(cfg, teacher=str(teacher_ckpt)))
