@@ -397,7 +397,9 @@ def balanced_kmeans(x: Tensor, n: int, iters: int = 20, seed: int = 0) -> Tensor
     """
     Fd = x.shape[0]
     size = Fd // n
-    x = F.normalize(x.float(), dim=1)
+    # on the CPU in float32 whatever the model's device: the greedy assignment is Python anyway, and the grouping
+    # (stored in the checkpoint) then does not depend on where the model was loaded
+    x = F.normalize(x.detach().float().cpu(), dim=1)
     gen = torch.Generator().manual_seed(seed)
     centroids = x[torch.randperm(Fd, generator=gen)[:n]].clone()  # (n, d)
     assign = torch.zeros(Fd, dtype=torch.long)
@@ -428,7 +430,7 @@ def group_mlp(mlp: MLP, lte: LTEConfig, seed: int) -> dict[str, Tensor]:
     n, E = Fd // lte.expert_size, lte.expert_size
     gate, up = w_gu[:Fd], w_gu[Fd:]
     assign = balanced_kmeans(gate, n, lte.kmeans_iters, seed)
-    perm = assign.argsort(stable=True)  # (F,) original neurons, expert by expert
+    perm = assign.argsort(stable=True).to(w_d.device)  # (F,) original neurons, expert by expert
     blocks = torch.stack([gate[perm].view(n, E, C), up[perm].view(n, E, C)], dim=1)  # (n, 2, E, C)
     return {"gate_up_proj.weight": blocks.reshape(2 * Fd, C), "down_proj.weight": w_d[:, perm], "grouping": perm}
 

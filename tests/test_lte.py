@@ -86,6 +86,15 @@ def test_permutation_equivalence():
         torch.testing.assert_close(m.mlp.infer(h, on), d.mlp(h), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_grouping_a_cuda_model_equals_grouping_it_on_the_cpu():
+    # k-means runs on the CPU whatever the model's device, so a checkpoint's grouping does not depend on it
+    cpu, gpu = to_lte(dense_model()), to_lte(dense_model().cuda())
+    for a, b in zip(lte_layers(cpu), lte_layers(gpu)):
+        assert torch.equal(a.grouping.cpu(), b.grouping.cpu())
+    torch.testing.assert_close(gpu.state_dict(), cpu.state_dict(), check_device=False, atol=0, rtol=0)
+
+
 def test_stage1_with_all_scores_one_equals_dense():
     dense = dense_model()
     lte = to_lte(dense, eta=1.0)
