@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--distill-stages", default="2", help="comma-separated LTE stages that --teacher distils")
     ap.add_argument("--stage1-from-dense", action="store_true", help="start stage 1 from the dense reference")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda: training (run.device) and evaluation")
     ap.add_argument(
         "--continue-steps",
         default="",
@@ -86,6 +87,10 @@ def main() -> None:
     if not distilled <= {"1", "2"}:
         sys.exit(f"error: --distill-stages must be 1, 2 or 1,2 (got {args.distill_stages!r})")
     torch.set_num_threads(args.threads)
+    if args.device not in ("auto", "cpu", "cuda"):
+        sys.exit(f"error: --device must be auto, cpu or cuda (got {args.device!r})")
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    dev = torch.device("cuda" if use_cuda else "cpu")
 
     from leanlm.checkpoint import add_methods, load_model
     from leanlm.config import LTEConfig
@@ -115,6 +120,7 @@ def main() -> None:
                 "save_every": 0,
                 "log_every": 5,
                 "progress": False,
+                "device": dev.type,
             },
         }
         if model:
@@ -128,6 +134,10 @@ def main() -> None:
             print(f"{name}: {n} steps in {time.time() - t0:.0f} s", flush=True)
         return final
 
+    def load(path) -> tuple[torch.nn.Module, object]:
+        model, tok = load_model(str(path))
+        return model.to(dev), tok
+
     def score(model, tok) -> float:
         res = evaluate(
             model, tok, [args.test], seq_len=args.eval_seq_len, max_windows=args.eval_windows, progress=False
@@ -137,10 +147,10 @@ def main() -> None:
     rows: list[dict] = []
     dense_steps = args.dense_steps or steps
     dense_path = run("dense", args.init, None, dense_steps)
-    dense, tok = load_model(str(dense_path))
+    dense, tok = load(dense_path)
     ppl_dense = score(dense, tok)
     print(f"dense fine-tune, {dense_steps} steps: ppl {ppl_dense:.3f}", flush=True)
-    base, _ = load_model(args.init)
+    base, _ = load(args.init)
     ppl_base = score(base, tok)
     print(f"pretrained: ppl {ppl_base:.3f}", flush=True)
     lte_common = {
@@ -156,10 +166,10 @@ def main() -> None:
         return {"lte": {"eta": eta, "stage": stage, **lte_common}}
 
     def grouped(dense) -> torch.nn.Module:  # the training-free baseline: same k-means grouping, no training
-        return add_methods(dense, dense.cfg.replace(lte=LTEConfig())).eval()
+        return add_methods(dense, dense.cfg.replace(lte=LTEConfig())).to(dev).eval()
 
     def point(eta: float, stage: int, n: int, path: Path, baseline: torch.nn.Module | None) -> None:
-        model, _ = load_model(str(path))
+        model, _ = load(path)
         ppl = score(model, tok)
         rep = model.lte_report()  # after scoring: the sparsity its routers chose on the test text
         row = {"eta": eta, "stage": stage, "steps": n, "ppl": ppl, "sparsity": rep["ffn_sparsity"], "per_layer": rep}
@@ -196,7 +206,7 @@ def main() -> None:
         added += n
         if not args.dense_steps:  # else the one reference stays
             dense_path = run(f"dense-cont{added}", str(dense_path), None, n, seed=seed)
-            dense_c, _ = load_model(str(dense_path))
+            dense_c, _ = load(dense_path)
             dense_ppl[steps + added] = score(dense_c, tok)
             print(f"dense fine-tune, {steps + added} steps: ppl {dense_ppl[steps + added]:.3f}", flush=True)
             baseline = grouped(dense_c)
