@@ -27,11 +27,14 @@ import datetime
 import json
 import platform
 import statistics
+import sys
 
 import torch
 
 from leanlm.bench import TrainStep
 from leanlm.config import preset
+from leanlm.distributed import setup
+from leanlm.errors import LeanLMError
 from leanlm.ltd import LayerTokenPlan, LTDConfig, RandomLTD
 from leanlm.model import Transformer
 
@@ -49,15 +52,19 @@ def main() -> None:
     ap.add_argument("--q", type=int, default=16)
     ap.add_argument("--dense-steps", type=int, default=24)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--device", default="cpu", help="cpu | cuda")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights and optimizer state")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    try:
+        dev = setup(args.device).device
+    except LeanLMError as e:
+        sys.exit(f"error: --device: {e}")
 
     n = args.seq_len
     cfg = preset(args.preset, max_seq_len=max(n, 2))
-    dense = Transformer(cfg).init_weights(seed=0).to(args.device, getattr(torch, args.dtype))
+    dense = Transformer(cfg).init_weights(seed=0).to(dev, getattr(torch, args.dtype))
     model = copy.deepcopy(dense)
     r_fixed = args.r or n // 2
     ltd_cfg = LTDConfig(r_min=args.r_min if args.schedule else r_fixed, q=args.q if args.schedule else 1)
@@ -73,7 +80,7 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "dtype": args.dtype,
         "preset": args.preset,
         "seq_len": n,

@@ -87,17 +87,20 @@ def main() -> None:
     if not distilled <= {"1", "2"}:
         sys.exit(f"error: --distill-stages must be 1, 2 or 1,2 (got {args.distill_stages!r})")
     torch.set_num_threads(args.threads)
-    if args.device not in ("auto", "cpu", "cuda"):
-        sys.exit(f"error: --device must be auto, cpu or cuda (got {args.device!r})")
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    dev = torch.device("cuda" if use_cuda else "cpu")
 
     from leanlm.checkpoint import add_methods, load_model
     from leanlm.config import LTEConfig
     from leanlm.data import prepare
+    from leanlm.distributed import setup
+    from leanlm.errors import LeanLMError
     from leanlm.evaluate import evaluate
     from leanlm.lte import set_magnitude_routing
     from leanlm.train import config_from_dict, train
+
+    try:  # the device `leanlm train` would pick for run.device (auto: cuda if available), checked the same way
+        dev = setup(args.device).device
+    except LeanLMError as e:
+        sys.exit(f"error: --device: {e}")
 
     out = Path(args.out)
     data = out / "data"

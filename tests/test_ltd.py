@@ -419,3 +419,15 @@ def test_exact_resume_with_ltd(tmp_path, data_dir, monkeypatch):
     assert rows(tmp_path / "split") == rows(tmp_path / "straight")
     a, b = (load_file(str(tmp_path / d / "final" / "model.safetensors")) for d in ("straight", "split"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_speed_script_device_errors_are_one_line():
+    """benchmarks/ltd_speed.py: an unknown --device, or cuda where there is none, fails in one line naming the flag."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "ltd_speed.py"
+    for bad in ["tpu"] + ([] if torch.cuda.is_available() else ["cuda"]):
+        cmd = [sys.executable, str(script), f"--device={bad}"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and r.stderr.count("\n") == 1 and "--device" in r.stderr, r.stderr
