@@ -1,6 +1,6 @@
 """FFN-block decode latency: dense SwiGLU vs LTE's sparse decode FFN (PyTorch and fused C++) vs plain torch indexing.
 
-    python benchmarks/lte_ffn_bench.py --preset smollm2-135m --sparsity 0.0,0.25,0.5,0.75 --repeats 7
+    python benchmarks/lte_ffn_bench.py --preset smollm2-135m --sparsity 0.0,0.25,0.5,0.75 --repeats 7 [--expert-size 8]
 
 One token (batch-1 decode) through every layer's FFN, with the weights in the decode layout `generate` uses on a CPU
 (`model.decode_layout`, column-major). The routers are random, with per-expert offsets set so that each expert is
@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--tokens", type=int, default=50, help="decode steps per measurement")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--expert-size", type=int, default=32, help="model.lte.expert_size")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -47,7 +48,10 @@ def main() -> None:
     L, C = cfg.n_layers, cfg.dim
     torch.manual_seed(0)
     dense = torch.nn.ModuleList(MLP(C, cfg.ffn_dim) for _ in range(L)).eval()
-    lte = {k: torch.nn.ModuleList(LTEMLP(C, cfg.ffn_dim, LTEConfig()) for _ in range(L)).eval() for k in KINDS}
+    lte = {
+        k: torch.nn.ModuleList(LTEMLP(C, cfg.ffn_dim, LTEConfig(expert_size=args.expert_size)) for _ in range(L)).eval()
+        for k in KINDS
+    }
     for m in [*dense, *lte["torch"]]:
         for p in m.parameters():
             p.data.normal_(0, 0.02)
@@ -83,7 +87,10 @@ def main() -> None:
             for m in mods:
                 m._decode_fused(x, norm_w, cfg.norm_eps)
 
-    print(f"{args.preset}: {L} layers, C={C}, F={cfg.ffn_dim}, {n} experts of 32; threads {torch.get_num_threads()}")
+    print(
+        f"{args.preset}: {L} layers, C={C}, F={cfg.ffn_dim}, {n} experts of {args.expert_size}; "
+        f"threads {torch.get_num_threads()}"
+    )
     print(
         "| sparsity | measured | dense ms/token | torch ms/token | index ms/token | dense-cpp ms/token | cpp ms/token "
         "| dense/torch | dense/index | dense-cpp/cpp |"

@@ -20,7 +20,8 @@ training-free baseline source for every point, continuations included (e.g. the 
 overfit). `--teacher PATH` distils stage 2 (and its continuations; `--distill-stages 1,2`: stage 1 too) from PATH
 (the training option `distill:`, not in the paper), e.g. `--dense-steps 180 --teacher out/x/dense/final --tag=-kd`:
 the dense run is trained first, so it can be the teacher. `--stage1-from-dense` starts stage 1 from the dense
-reference instead of `--init` (the paper's order: a dense fine-tune, then grouping and stage 1).
+reference instead of `--init` (the paper's order: a dense fine-tune, then grouping and stage 1). `--expert-size N`
+groups N neurons per expert, for LTE and the training-free baseline alike (default 32, the issue's).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def main() -> None:
     ap.add_argument("--sep-eps", type=float, default=0.1, help="model.lte.sep_eps")
     ap.add_argument("--router-init", default="random", help="random | centroid (model.lte.router_init)")
     ap.add_argument("--router-init-std", type=float, default=0.02)
+    ap.add_argument("--expert-size", type=int, default=32, help="model.lte.expert_size (LTE and training-free)")
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--out", default="out/lte")
@@ -81,6 +83,8 @@ def main() -> None:
             raise ValueError
     except ValueError:
         sys.exit(f"error: --continue-steps must be step counts >= 1, comma-separated (got {args.continue_steps!r})")
+    if args.expert_size < 1:
+        sys.exit(f"error: --expert-size must be >= 1 (got {args.expert_size})")
     if args.dense_steps is not None and args.dense_steps < 1:
         sys.exit(f"error: --dense-steps must be >= 1 (got {args.dense_steps})")
     distilled = set(args.distill_stages.split(","))  # the LTE stages that --teacher distils
@@ -148,20 +152,26 @@ def main() -> None:
         return res["perplexity"]
 
     rows: list[dict] = []
+    base, tok = load(args.init)
+    try:  # before anything is trained: the expert size must divide the FFN width
+        LTEConfig(expert_size=args.expert_size).check(base.cfg.ffn_dim)
+    except LeanLMError as e:
+        sys.exit(f"error: --expert-size: {e}")
+    ppl_base = score(base, tok)
+    print(f"pretrained: ppl {ppl_base:.3f}", flush=True)
+    del base
     dense_steps = args.dense_steps or steps
     dense_path = run("dense", args.init, None, dense_steps)
     dense, tok = load(dense_path)
     ppl_dense = score(dense, tok)
     print(f"dense fine-tune, {dense_steps} steps: ppl {ppl_dense:.3f}", flush=True)
-    base, _ = load(args.init)
-    ppl_base = score(base, tok)
-    print(f"pretrained: ppl {ppl_base:.3f}", flush=True)
     lte_common = {
         "router_lr_scale": args.router_lr_scale,
         "router_init_bias": args.router_init_bias,
         "router_init": args.router_init,
         "router_init_std": args.router_init_std,
         "sep_eps": args.sep_eps,
+        "expert_size": args.expert_size,
     }
     tag = ("" if args.router_init == "random" else f"-{args.router_init}") + args.tag
 
@@ -169,7 +179,7 @@ def main() -> None:
         return {"lte": {"eta": eta, "stage": stage, **lte_common}}
 
     def grouped(dense) -> torch.nn.Module:  # the training-free baseline: same k-means grouping, no training
-        return add_methods(dense, dense.cfg.replace(lte=LTEConfig())).to(dev).eval()
+        return add_methods(dense, dense.cfg.replace(lte=LTEConfig(expert_size=args.expert_size))).to(dev).eval()
 
     def point(eta: float, stage: int, n: int, path: Path, baseline: torch.nn.Module | None) -> None:
         model, _ = load(path)

@@ -288,11 +288,14 @@ std::tuple<torch::Tensor, int64_t> lte_decode(torch::Tensor x, torch::Tensor rou
     for (int64_t i = begin; i < end; ++i) {
       const int64_t e = sel[i];
       const float* We = W + e * C * E2;
-      if (E2 == 64) {
-        gate_up_fixed<64>(xp, We, C, g.data());
-      } else {
-        std::fill(g.begin(), g.end(), 0.f);
-        acc_rows(xp, We, C, E2, g.data());
+      // a fixed-width loop for experts of 32 and 16, the generic one otherwise: for experts of 8 the fixed loop
+      // (4 vector chains) ran 2x slower than the generic one (docs/results.md, LTE ninth attempt)
+      switch (E2) {
+        case 64: gate_up_fixed<64>(xp, We, C, g.data()); break;
+        case 32: gate_up_fixed<32>(xp, We, C, g.data()); break;
+        default:
+          std::fill(g.begin(), g.end(), 0.f);
+          acc_rows(xp, We, C, E2, g.data());
       }
       for (int64_t j = 0; j < E; ++j) h[j] = g[j] / (1.f + exp_fast(-g[j])) * g[E + j];
       acc_rows(h.data(), D + e * E * C, E, C, a);

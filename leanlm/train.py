@@ -827,7 +827,8 @@ def train(cfg: TrainConfig) -> dict:
                         "flops_per_token": flops_per_token,
                         "layer_tokens": layer_tokens // model_cfg.n_layers,
                         "ltd_r": plan.kept(step - 1),
-                        "distill_kl": (kd_sum / run.grad_accum).item(),  # this step's, on this process's batch
+                        # this step's KL to the teacher, on this process's batch
+                        **({"distill_kl": (kd_sum / run.grad_accum).item()} if teacher is not None else {}),
                         **method_row,
                     }
                 )

@@ -172,7 +172,7 @@ needs_cxx = pytest.mark.skipif(
 
 @needs_cxx
 @pytest.mark.parametrize("threads", [1, 2])  # 2: the selected experts are split over threads, partial sums added
-@pytest.mark.parametrize("expert_size", [32, 6])  # 32: the fixed-width gate/up loop; 6: the generic one, E % 4 != 0
+@pytest.mark.parametrize("expert_size", [32, 16, 8, 6])  # 32, 16: the fixed-width gate/up loops; 8, 6: the generic one
 def test_fused_decode_kernel_equals_masked_dense(expert_size, threads):
     dense = dense_model(ffn_dim=96)
     lte = to_lte(dense, expert_size=expert_size)
@@ -426,8 +426,8 @@ def test_smollm2_grouping_preserves_logits(smollm2):
 
 def test_sweep_flag_errors_are_one_line(tmp_path):
     """benchmarks/lte_sweep.py: --continue-steps that are not step counts of at least 1, --dense-steps below 1,
-    --distill-stages other than 1 and 2, and a --device that is unknown or absent fail in one line naming the flag,
-    before anything is prepared or trained."""
+    --distill-stages other than 1 and 2, --expert-size below 1, and a --device that is unknown or absent fail in one
+    line naming the flag, before anything is prepared or trained."""
     import subprocess
     import sys
     from pathlib import Path
@@ -435,6 +435,7 @@ def test_sweep_flag_errors_are_one_line(tmp_path):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "lte_sweep.py"
     bad_flags = [("--continue-steps", bad) for bad in ("abc", "500,0", "-5", "500,,x")]
     bad_flags += [("--dense-steps", "0"), ("--dense-steps", "-3"), ("--distill-stages", "3"), ("--distill-stages", "")]
+    bad_flags += [("--expert-size", "0")]
     bad_flags += [("--device", "tpu")] + ([] if torch.cuda.is_available() else [("--device", "cuda")])
     for flag, bad in bad_flags:
         cmd = [sys.executable, str(script), "--out", str(tmp_path / "out"), f"{flag}={bad}"]
