@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
 
 from leanlm.config import LTEConfig, preset
+from leanlm.errors import LeanLMError
 from leanlm.kernels import cpp_kernels
 from leanlm.lte import LTEMLP
 from leanlm.model import MLP, decode_layout
@@ -44,14 +46,16 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = preset(args.preset)
+    try:
+        cfg = preset(args.preset)
+        lte_cfg = LTEConfig(expert_size=args.expert_size)
+        lte_cfg.check(cfg.ffn_dim)
+    except LeanLMError as e:
+        sys.exit(f"error: {e}")
     L, C = cfg.n_layers, cfg.dim
     torch.manual_seed(0)
     dense = torch.nn.ModuleList(MLP(C, cfg.ffn_dim) for _ in range(L)).eval()
-    lte = {
-        k: torch.nn.ModuleList(LTEMLP(C, cfg.ffn_dim, LTEConfig(expert_size=args.expert_size)) for _ in range(L)).eval()
-        for k in KINDS
-    }
+    lte = {k: torch.nn.ModuleList(LTEMLP(C, cfg.ffn_dim, lte_cfg) for _ in range(L)).eval() for k in KINDS}
     for m in [*dense, *lte["torch"]]:
         for p in m.parameters():
             p.data.normal_(0, 0.02)

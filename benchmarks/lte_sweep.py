@@ -153,8 +153,9 @@ def main() -> None:
 
     rows: list[dict] = []
     base, tok = load(args.init)
+    grouping = LTEConfig(expert_size=args.expert_size)  # the training-free baseline's; LTE's runs use the same size
     try:  # before anything is trained: the expert size must divide the FFN width
-        LTEConfig(expert_size=args.expert_size).check(base.cfg.ffn_dim)
+        grouping.check(base.cfg.ffn_dim)
     except LeanLMError as e:
         sys.exit(f"error: --expert-size: {e}")
     ppl_base = score(base, tok)
@@ -179,7 +180,7 @@ def main() -> None:
         return {"lte": {"eta": eta, "stage": stage, **lte_common}}
 
     def grouped(dense) -> torch.nn.Module:  # the training-free baseline: same k-means grouping, no training
-        return add_methods(dense, dense.cfg.replace(lte=LTEConfig(expert_size=args.expert_size))).to(dev).eval()
+        return add_methods(dense, dense.cfg.replace(lte=grouping)).to(dev).eval()
 
     def point(eta: float, stage: int, n: int, path: Path, baseline: torch.nn.Module | None) -> None:
         model, _ = load(path)

@@ -57,6 +57,7 @@ class LTEMLP(nn.Module):
 
     def __init__(self, dim: int, ffn_dim: int, lte: LTEConfig):
         super().__init__()
+        lte.check(ffn_dim)  # equal-sized experts that tile the FFN: every layout below relies on it
         self.lte = lte
         self.n, self.E = ffn_dim // lte.expert_size, lte.expert_size
         self.gate_up_proj = nn.Linear(dim, 2 * ffn_dim, bias=False)  # rows [g_0; u_0; g_1; u_1; ...], E rows each

@@ -442,3 +442,18 @@ def test_sweep_flag_errors_are_one_line(tmp_path):
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert r.returncode != 0 and r.stderr.count("\n") == 1 and flag in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_ffn_bench_expert_size_errors_are_one_line():
+    """benchmarks/lte_ffn_bench.py: an --expert-size below 1 or not dividing the FFN width fails in one line naming
+    it, before any module is built; LTEMLP itself refuses such a size."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "lte_ffn_bench.py"
+    for bad in ("7", "0"):
+        r = subprocess.run([sys.executable, str(script), f"--expert-size={bad}"], capture_output=True, text=True)
+        assert r.returncode != 0 and r.stderr.count("\n") == 1 and "expert_size" in r.stderr, r.stderr
+    with pytest.raises(LeanLMError, match="expert_size: must divide model.ffn_dim=96"):
+        LTEMLP(64, 96, LTEConfig(expert_size=7))
