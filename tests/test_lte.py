@@ -457,3 +457,42 @@ def test_ffn_bench_expert_size_errors_are_one_line():
         assert r.returncode != 0 and r.stderr.count("\n") == 1 and "expert_size" in r.stderr, r.stderr
     with pytest.raises(LeanLMError, match="expert_size: must divide model.ffn_dim=96"):
         LTEMLP(64, 96, LTEConfig(expert_size=7))
+
+
+def test_predictor_probe_runs_and_rejects_bad_flags(tmp_path):
+    """benchmarks/lte_predictor_probe.py on the tiny preset: the oracle keeps exactly --keep of the experts, every
+    fitted predictor serves close to that after its offset calibration, recall lies in [0, 1], the JSON is the last
+    stdout line, and --save writes a stage-1 checkpoint with the fitted routers; bad flags and a missing data dir
+    fail in one line naming them."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from leanlm.data import prepare
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(" ".join(f"w{i * 7919 % 100003}" for i in range(20000)))
+    prepare([str(corpus)], tmp_path / "data", tokenizer=None, vocab_size=512, progress=False)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "lte_predictor_probe.py"
+    base = [sys.executable, str(script), "--model", "tiny", "--data", str(tmp_path / "data"), "--test", str(corpus)]
+    fast = ["--expert-size", "8", "--tokens", "2048", "--steps", "20", "--eval-windows", "2", "--threads", "1"]
+    fast += ["--seq-len", "128"]
+    save = ["--save", str(tmp_path / "fit")]
+    r = subprocess.run(base + fast + ["--ranks", "0,16", "--json"] + save, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout.strip().splitlines()[-1])["rows"]
+    assert [row["predictor"] for row in rows] == ["oracle", "linear", "mlp-r16"]
+    assert rows[0]["sparsity"] == pytest.approx(0.5)  # tiny: 20 experts of 8, keep 10
+    for row in rows[1:]:
+        assert abs(row["sparsity"] - 0.5) < 0.15 and 0 <= row["recall"] <= 1 and row["perplexity"] > 1
+    # --save: a stage-1 LTE checkpoint whose linear routers are the fitted ones (the init's offsets were all 1.5)
+    fitted, _ = load_model(str(tmp_path / "fit"))
+    assert fitted.cfg.lte.stage == 1 and fitted.cfg.lte.expert_size == 8
+    assert bool(fitted.lte_stage1_done)  # so stage 2 may start from these routers
+    assert all(not torch.allclose(m.router_offset, torch.full_like(m.router_offset, 1.5)) for m in lte_layers(fitted))
+    bad_flags = [("--ranks", "0,x"), ("--keep", "1"), ("--expert-size", "7"), ("--data", str(tmp_path / "no"))]
+    for flag, bad in bad_flags + [("--save", str(tmp_path / "fit2") + " --ranks=16")]:
+        r = subprocess.run(base + fast + [flag, *bad.split()], capture_output=True, text=True, timeout=300)
+        assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
+        assert (flag.strip("-").replace("-", "_") if flag == "--expert-size" else flag) in r.stderr, r.stderr
