@@ -31,7 +31,7 @@ from torch import nn
 
 from leanlm.checkpoint import add_methods, load_model, save_checkpoint
 from leanlm.config import LTEConfig
-from leanlm.data import load_tokenizer_ref
+from leanlm.data import TokenDataset, load_tokenizer_ref
 from leanlm.errors import LeanLMError
 from leanlm.evaluate import evaluate
 from leanlm.lte import lte_layers, set_magnitude_routing
@@ -46,16 +46,14 @@ def collect(model, tokens: torch.Tensor, keep: float, seq: int, batch: int):
     # filled in place, not collected in lists and concatenated: that doubled the peak and fragmented the heap
     # (131k tokens of SmolLM2 went past 24 GB); bf16 halves it again (131k tokens x 30 layers: 4.5 GB)
     xs = [torch.empty(n_seq * seq, C, dtype=torch.bfloat16) for _ in layers]
-    ys = [torch.zeros(n_seq * seq, m.n, dtype=torch.bool) for m in layers]
+    ys = [torch.empty(n_seq * seq, m.n, dtype=torch.bool) for m in layers]
     at = [0]  # first row of the current batch
 
     def hook(i):
         def f(m, args):
             x = args[0].flatten(0, 1)  # (B*T, C)
-            mag = m.hidden(x).abs().mean(-1)  # (B*T, n)
-            k = max(1, round(keep * m.n))
             xs[i][at[0] : at[0] + x.shape[0]] = x
-            ys[i][at[0] : at[0] + x.shape[0]].scatter_(-1, mag.topk(k, -1).indices, True)
+            ys[i][at[0] : at[0] + x.shape[0]] = m.magnitude_choice(m.hidden(x), keep)  # (B*T, n)
 
         return f
 
@@ -145,9 +143,10 @@ def run(args: argparse.Namespace) -> None:
         if v < 1:
             raise LeanLMError(f"{flag}: must be at least 1 (got {v})")
     lte_cfg = LTEConfig(expert_size=args.expert_size)
-    for f in ("train.bin", "val.bin"):
-        if not (Path(args.data) / f).is_file():
-            raise LeanLMError(f"--data: no {f} in {args.data} (a directory `leanlm prepare` wrote)")
+    try:  # the manifest gives the token dtype and checks both splits are there and whole
+        train, val = TokenDataset(args.data, "train"), TokenDataset(args.data, "val")
+    except LeanLMError as e:
+        raise LeanLMError(f"--data: {e}") from None
     if not Path(args.test).is_file():
         raise LeanLMError(f"--test: no such file {args.test}")
     torch.set_num_threads(args.threads)
@@ -157,14 +156,14 @@ def run(args: argparse.Namespace) -> None:
     tok = tok or load_tokenizer_ref(args.data)  # a preset without weights: the data's own tokenizer
     model = add_methods(dense, dense.cfg.replace(lte=lte_cfg)).float().eval()
     del dense
-    train = np.memmap(f"{args.data}/train.bin", dtype=np.uint16, mode="r")
-    val = np.memmap(f"{args.data}/val.bin", dtype=np.uint16, mode="r")
-    fit_tokens = torch.from_numpy(np.array(train[: args.tokens]).astype(np.int64))
-    held_tokens = torch.from_numpy(np.array(val[:4096]).astype(np.int64))
+    if train.vocab_size > model.cfg.vocab_size:
+        raise LeanLMError(
+            f"--data: vocab mismatch: the data uses {train.vocab_size} token ids but the model has "
+            f"{model.cfg.vocab_size}; prepare the data with the model's tokenizer"
+        )
+    fit_tokens = torch.from_numpy(train.tokens[: args.tokens].astype(np.int64))
+    held_tokens = torch.from_numpy(val.tokens[:4096].astype(np.int64))
     seq = min(256, model.cfg.max_seq_len)
-    top = max(int(fit_tokens.max()), int(held_tokens.max()), tok.vocab_size - 1)
-    if top >= model.cfg.vocab_size:
-        raise LeanLMError(f"--data: token id {top} does not fit the model's vocabulary of {model.cfg.vocab_size}")
     if min(fit_tokens.numel(), held_tokens.numel()) <= seq:
         raise LeanLMError(f"--data: fewer than {seq + 1} tokens in its train or val split")
     t0 = time.time()
@@ -172,18 +171,18 @@ def run(args: argparse.Namespace) -> None:
     hx, hy = collect(model, held_tokens, args.keep, seq, 8)
     print(f"collected {xs[0].shape[0]} + {hx[0].shape[0]} tokens x {len(xs)} layers in {time.time() - t0:.0f}s")
 
+    layers = lte_layers(model)
+
     def ppl() -> tuple[float, float]:
-        for m in lte_layers(model):
+        for m in layers:
             m.reset_stats()
         r = evaluate(model, tok, [args.test], seq_len=args.seq_len, max_windows=args.eval_windows, progress=False)
-        layers = lte_layers(model)
         return r["perplexity"], sum(m.sparsity() for m in layers) / len(layers)
 
     set_magnitude_routing(model, args.keep)
     oracle, oracle_sp = ppl()
     set_magnitude_routing(model, None)
     print(f"oracle: perplexity {oracle:.2f} at sparsity {oracle_sp:.3f}")
-    layers = lte_layers(model)
     C, ffn = layers[0].down_proj.weight.shape
     ffn_macs = 3 * C * ffn
     rows = [{"predictor": "oracle", "perplexity": oracle, "sparsity": oracle_sp}]

@@ -260,12 +260,16 @@ class LTEMLP(nn.Module):
         """Training-free baseline (TEAL/Deja-Vu style oracle): per token keep the experts with the largest mean
         |activation| of their neurons, computed densely. Shows what routing by magnitude costs in quality."""
         h = self.hidden(x)  # (B, T, n, E)
-        k = max(1, round(self.magnitude_keep * self.n))
-        top = h.abs().mean(-1).topk(k, dim=-1).indices  # (B, T, k)
-        on = torch.zeros(h.shape[:-1], dtype=torch.bool, device=x.device).scatter_(-1, top, True)
+        on = self.magnitude_choice(h, self.magnitude_keep)  # (B, T, n)
         self.stat_tokens += on.shape[0] * on.shape[1]
         self.stat_active += int(on.sum())
         return self.down_proj((h * on.unsqueeze(-1)).flatten(-2))
+
+    def magnitude_choice(self, h: Tensor, keep: float) -> Tensor:
+        """The baseline's choice: per token, the `keep` fraction of experts with the largest mean |h| (..., n, E)
+        -> (..., n) bool (also the target that benchmarks/lte_predictor_probe.py fits routers to)."""
+        top = h.abs().mean(-1).topk(max(1, round(keep * self.n)), dim=-1).indices  # (..., k)
+        return torch.zeros(h.shape[:-1], dtype=torch.bool, device=h.device).scatter_(-1, top, True)
 
 
 # -- the model ---------------------------------------------------------------------------------------------------------
