@@ -491,8 +491,12 @@ def test_predictor_probe_runs_and_rejects_bad_flags(tmp_path):
     assert fitted.cfg.lte.stage == 1 and fitted.cfg.lte.expert_size == 8
     assert bool(fitted.lte_stage1_done)  # so stage 2 may start from these routers
     assert all(not torch.allclose(m.router_offset, torch.full_like(m.router_offset, 1.5)) for m in lte_layers(fitted))
+    # data whose token ids go past the model's vocabulary (1,024 against tiny's 512)
+    prepare([str(corpus)], tmp_path / "data1024", tokenizer=None, vocab_size=1024, progress=False)
     bad_flags = [("--ranks", "0,x"), ("--keep", "1"), ("--expert-size", "7"), ("--data", str(tmp_path / "no"))]
+    bad_flags.append(("--data", str(tmp_path / "data1024")))
     for flag, bad in bad_flags + [("--save", str(tmp_path / "fit2") + " --ranks=16")]:
         r = subprocess.run(base + fast + [flag, *bad.split()], capture_output=True, text=True, timeout=300)
         assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
         assert (flag.strip("-").replace("-", "_") if flag == "--expert-size" else flag) in r.stderr, r.stderr
+        assert ("vocab mismatch" in r.stderr) == bad.endswith("data1024"), r.stderr
