@@ -500,3 +500,54 @@ def test_predictor_probe_runs_and_rejects_bad_flags(tmp_path):
         assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
         assert (flag.strip("-").replace("-", "_") if flag == "--expert-size" else flag) in r.stderr, r.stderr
         assert ("vocab mismatch" in r.stderr) == bad.endswith("data1024"), r.stderr
+
+
+def test_teacher_text_samples_documents_and_rejects_bad_input(tmp_path):
+    """benchmarks/teacher_text.py on the tiny preset: --samples documents of prompt + new tokens, the prompts taken
+    from the data's train split, readable by `prepare`, the JSON the last stdout line; an existing --out is never
+    touched, and bad flags, a missing data dir or data past the model's vocabulary fail in one line."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from leanlm.data import TokenDataset, prepare
+    from leanlm.tokenizer import Tokenizer
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(" ".join(f"w{i * 7919 % 100003}" for i in range(5000)))
+    prepare([str(corpus)], tmp_path / "data", tokenizer=None, vocab_size=512, progress=False)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "teacher_text.py"
+    base = [sys.executable, str(script), "--model", "tiny", "--data", str(tmp_path / "data"), "--device", "cpu"]
+    run = ["--samples", "5", "--batch-size", "2", "--prompt-len", "8", "--new-tokens", "16"]
+    r = subprocess.run(base + run + ["--out", str(tmp_path / "gen"), "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    files = sorted((tmp_path / "gen").iterdir())
+    assert [f.name for f in files] == [f"{i:06d}.txt" for i in range(5)] and res["tokens"] == 5 * (8 + 16)
+    tok, train = Tokenizer.load(tmp_path / "data"), TokenDataset(tmp_path / "data").tokens.tolist()
+    text = f" {' '.join(map(str, train))} "
+    for f in files:  # each document starts with a window of the train split
+        ids = tok.encode(f.read_text(), add_bos=False)
+        assert f" {' '.join(map(str, ids[:4]))} " in text
+    prepare([str(tmp_path / "gen")], tmp_path / "gen-data", tokenizer=str(tmp_path / "data"), progress=False)
+    assert TokenDataset(tmp_path / "gen-data").manifest["documents"] == 5
+    before = files[0].read_text()
+    prepare([str(corpus)], tmp_path / "data1024", tokenizer=None, vocab_size=1024, progress=False)
+    bad_flags = [
+        ("--out", str(tmp_path / "gen")),
+        ("--samples", "0"),
+        ("--temperature", "0"),
+        ("--data", str(tmp_path / "no")),
+        ("--data", str(tmp_path / "data1024")),
+        ("--model", "nosuch"),
+        ("--new-tokens", "250"),
+        ("--device", "tpu"),
+    ]
+    for flag, bad in bad_flags:
+        args = base + run + ["--out", str(tmp_path / "gen2")] + [flag, bad]
+        r = subprocess.run(args, capture_output=True, text=True)
+        assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
+        assert flag in r.stderr, r.stderr
+        assert ("vocab mismatch" in r.stderr) == bad.endswith("data1024"), r.stderr
+    assert files[0].read_text() == before and not (tmp_path / "gen2").exists()
