@@ -156,11 +156,10 @@ def run(args: argparse.Namespace) -> None:
     tok = tok or load_tokenizer_ref(args.data)  # a preset without weights: the data's own tokenizer
     model = add_methods(dense, dense.cfg.replace(lte=lte_cfg)).float().eval()
     del dense
-    if train.vocab_size > model.cfg.vocab_size:
-        raise LeanLMError(
-            f"--data: vocab mismatch: the data uses {train.vocab_size} token ids but the model has "
-            f"{model.cfg.vocab_size}; prepare the data with the model's tokenizer"
-        )
+    try:
+        train.check_vocab(model.cfg.vocab_size)
+    except LeanLMError as e:
+        raise LeanLMError(f"--data: {e}") from None
     fit_tokens = torch.from_numpy(train.tokens[: args.tokens].astype(np.int64))
     held_tokens = torch.from_numpy(val.tokens[:4096].astype(np.int64))
     seq = min(256, model.cfg.max_seq_len)

@@ -55,29 +55,20 @@ def main(argv: list[str] | None = None) -> None:
     if out.exists():
         sys.exit(f"error: --out {out} exists (samples are never overwritten)")
 
-    def load(flag: str, what):  # one line naming the flag whose value is bad
+    def flagged(flag: str, fn, *a, **kw):  # leanlm's own checks, in one line naming the flag whose value is bad
         try:
-            return what()
+            return fn(*a, **kw)
         except LeanLMError as e:
             sys.exit(f"error: {flag}: {e}")
 
-    dev = load("--device", lambda: setup(args.device).device)
-    data = load("--data", lambda: TokenDataset(args.data, "train"))
-    tok = load("--data", lambda: Tokenizer.load(args.data))  # the samples are text in the data's tokenization
-    model, _ = load("--model", lambda: load_model(args.model))
+    dev = flagged("--device", setup, args.device).device
+    data = flagged("--data", TokenDataset, args.data, "train")
+    tok = flagged("--data", Tokenizer.load, args.data)  # the samples are text in the data's tokenization
+    model, _ = flagged("--model", load_model, args.model)
+    flagged("--data", data.check_vocab, model.cfg.vocab_size)
     train = data.tokens
     if len(train) <= args.prompt_len:
         sys.exit(f"error: --data {args.data}: the train split has {len(train)} tokens, not more than --prompt-len")
-    if data.vocab_size > model.cfg.vocab_size:
-        sys.exit(
-            f"error: --data: vocab mismatch: the data uses {data.vocab_size} token ids but the model has "
-            f"{model.cfg.vocab_size}; prepare the data with the model's tokenizer"
-        )
-    if args.prompt_len + args.new_tokens > model.cfg.max_seq_len:
-        sys.exit(
-            f"error: --prompt-len + --new-tokens = {args.prompt_len + args.new_tokens} exceeds the model's context "
-            f"of {model.cfg.max_seq_len}"
-        )
     model = model.to(dev).eval()
     rng = np.random.default_rng(args.seed)
     starts = rng.integers(0, len(train) - args.prompt_len, size=args.samples)  # (samples,)
@@ -87,7 +78,16 @@ def main(argv: list[str] | None = None) -> None:
         for b in range(0, args.samples, args.batch_size):
             batch = starts[b : b + args.batch_size]
             prompts = [train[s : s + args.prompt_len].astype(np.int64).tolist() for s in batch]
-            res = generate(model, prompts, args.new_tokens, temperature=args.temperature, seed=args.seed + b)
+            # generate's own checks; the only one the flags above leave open is the model's context
+            res = flagged(
+                "--prompt-len + --new-tokens",
+                generate,
+                model,
+                prompts,
+                args.new_tokens,
+                temperature=args.temperature,
+                seed=args.seed + b,
+            )
             for i, (p, new) in enumerate(zip(prompts, res.tokens)):
                 (tmp / f"{b + i:06d}.txt").write_text(tok.decode(p + new), encoding="utf-8")
                 n_tokens += len(p) + len(new)

@@ -470,6 +470,14 @@ class TokenDataset:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def check_vocab(self, model_vocab_size: int) -> None:
+        """Refuse data whose token ids can go past a model's vocabulary (prepared with another tokenizer)."""
+        if self.vocab_size > model_vocab_size:
+            raise LeanLMError(
+                f"vocab mismatch: the data in {self.path} uses {self.vocab_size} token ids but the model has "
+                f"{model_vocab_size}; prepare the data with the model's tokenizer"
+            )
+
 
 def _windows(tokens: np.ndarray, starts: Sequence[int], seq_len: int) -> tuple[Tensor, Tensor]:
     buf = torch.from_numpy(np.stack([tokens[i : i + seq_len + 1] for i in starts]).astype(np.int64))

@@ -661,11 +661,7 @@ def train(cfg: TrainConfig) -> dict:
             distributed.barrier(d)
         train_data, val_data = TokenDataset(data_dir, "train"), TokenDataset(data_dir, "val")
         tokenizer = Tokenizer.load(data_dir)
-        if train_data.vocab_size > model_cfg.vocab_size:
-            raise LeanLMError(
-                f"vocab mismatch: the data in {data_dir} uses {train_data.vocab_size} token ids but the "
-                f"model has {model_cfg.vocab_size}; prepare the data with the model's tokenizer"
-            )
+        train_data.check_vocab(model_cfg.vocab_size)
         if init_tok is not None and init_tok.tok.get_vocab() != tokenizer.tok.get_vocab():
             note(
                 f"warning: {data_dir} was tokenized differently from {run.init}'s tokenizer; "
