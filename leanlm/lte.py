@@ -156,7 +156,7 @@ class LTEMLP(nn.Module):
         logits = self.logits(x)  # (B, T, n)
         if self.training:
             on = logits.detach() > 0
-            self.train_sparsity.fill_(1.0 - on.float().mean().item())
+            self.train_sparsity.copy_(1.0 - on.float().mean())  # a device copy: no host sync per layer and step
             if self.stage == 1:  # soft: every expert, scaled by its score
                 self.scores = torch.sigmoid(logits)
                 return self._scaled(x, self.scores)
@@ -294,7 +294,7 @@ class LTEHooks:
         # both losses are means over layers x experts x tokens: one global budget, so layers compete for it
         eff = torch.stack([(s.square() if lte.eff_squared else s).mean() for s in g]).mean()
         sep = torch.stack([(1.0 / ((s - TAU).square() + lte.sep_eps)).mean() for s in g]).mean()
-        self._lte_losses = (eff.item(), sep.item())
+        self._lte_losses = (eff.detach(), sep.detach())  # read (one host sync) only when train_metrics logs them
         for m in layers:
             m.scores = None
         return base + lte.eta * eff + lte.lambda_sep * sep
@@ -313,8 +313,10 @@ class LTEHooks:
     def train_metrics(self) -> dict:
         base = super().train_metrics() if hasattr(super(), "train_metrics") else {}
         layers = lte_layers(self)
-        eff, sep = getattr(self, "_lte_losses", (None, None))
-        per_layer = {f"lte_sparsity_{i:02d}": float(m.train_sparsity) for i, m in enumerate(layers)}
+        losses = getattr(self, "_lte_losses", None)
+        eff, sep = torch.stack(losses).tolist() if losses is not None else (None, None)
+        values = torch.stack([m.train_sparsity.float() for m in layers]).tolist() if layers else []
+        per_layer = {f"lte_sparsity_{i:02d}": v for i, v in enumerate(values)}
         return {
             **base,
             "lte_sparsity": sum(per_layer.values()) / max(len(layers), 1),

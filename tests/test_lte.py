@@ -238,6 +238,16 @@ def test_aux_losses_hand_computed():
     lte(torch.randint(0, 512, (1, 4)))
     expected = 2.0 * 0.8**2 + 0.5 / (0.3**2 + 0.01)
     assert lte.aux_loss().item() == pytest.approx(expected, rel=1e-5)
+    # the logged values are the ones of that forward: the losses, and each layer's hard sparsity (all experts on)
+    row = lte.train_metrics()
+    assert row["lte_eff_loss"] == pytest.approx(0.8**2) and row["lte_sep_loss"] == pytest.approx(1 / (0.3**2 + 0.01))
+    assert row["lte_sparsity"] == 0.0 and row["lte_sparsity_01"] == 0.0
+    set_routers(lte, offset=float(torch.logit(torch.tensor(0.2))))  # every score 0.2: every expert off
+    lte(torch.randint(0, 512, (1, 4)))
+    lte.aux_loss()
+    row = lte.train_metrics()
+    assert row["lte_eff_loss"] == pytest.approx(0.2**2) and row["lte_sparsity"] == 1.0
+    assert all(row[f"lte_sparsity_{i:02d}"] == 1.0 for i in range(len(lte_layers(lte))))
 
 
 @pytest.fixture
