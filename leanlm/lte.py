@@ -313,10 +313,9 @@ class LTEHooks:
     def train_metrics(self) -> dict:
         base = super().train_metrics() if hasattr(super(), "train_metrics") else {}
         layers = lte_layers(self)
-        losses = getattr(self, "_lte_losses", None)
-        eff, sep = torch.stack(losses).tolist() if losses is not None else (None, None)
-        values = torch.stack([m.train_sparsity.float() for m in layers]).tolist() if layers else []
-        per_layer = {f"lte_sparsity_{i:02d}": v for i, v in enumerate(values)}
+        losses = getattr(self, "_lte_losses", None)  # device tensors of the last aux_loss
+        eff, sep = [float(v) for v in losses] if losses else (None, None)
+        per_layer = {f"lte_sparsity_{i:02d}": float(m.train_sparsity) for i, m in enumerate(layers)}
         return {
             **base,
             "lte_sparsity": sum(per_layer.values()) / max(len(layers), 1),
