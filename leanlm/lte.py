@@ -429,13 +429,17 @@ def balanced_kmeans(x: Tensor, n: int, iters: int = 20, seed: int = 0) -> Tensor
     return assign
 
 
-def group_mlp(mlp: MLP, lte: LTEConfig, seed: int) -> dict[str, Tensor]:
-    """The LTE state of a dense MLP: weights permuted so experts are contiguous (gate/up interleaved per expert)."""
+def group_mlp(mlp: MLP, lte: LTEConfig, seed: int, assign: Tensor | None = None) -> dict[str, Tensor]:
+    """The LTE state of a dense MLP: weights permuted so experts are contiguous (gate/up interleaved per expert).
+
+    assign (F,): each neuron's expert (F // n neurons each) from another grouping rule; by default balanced k-means
+    on the gate rows."""
     w_gu, w_d = mlp.gate_up_proj.weight.detach(), mlp.down_proj.weight.detach()
     Fd, C = w_d.shape[1], w_d.shape[0]
     n, E = Fd // lte.expert_size, lte.expert_size
     gate, up = w_gu[:Fd], w_gu[Fd:]
-    assign = balanced_kmeans(gate, n, lte.kmeans_iters, seed)
+    if assign is None:
+        assign = balanced_kmeans(gate, n, lte.kmeans_iters, seed)
     perm = assign.argsort(stable=True).to(w_d.device)  # (F,) original neurons, expert by expert
     blocks = torch.stack([gate[perm].view(n, E, C), up[perm].view(n, E, C)], dim=1)  # (n, 2, E, C)
     return {"gate_up_proj.weight": blocks.reshape(2 * Fd, C), "down_proj.weight": w_d[:, perm], "grouping": perm}

@@ -86,6 +86,22 @@ def test_permutation_equivalence():
         torch.testing.assert_close(m.mlp.infer(h, on), d.mlp(h), atol=1e-5, rtol=1e-5)
 
 
+def test_permutation_equivalence_with_a_given_grouping():
+    # group_mlp with another rule's assignment (the probe's grouping by activations): that partition is stored and
+    # the function is unchanged
+    from leanlm.lte import group_mlp
+
+    dense = dense_model()
+    lte = to_lte(dense)
+    set_routers(lte, offset=30.0)
+    for i, (d, m) in enumerate(zip(dense.layers, lte_layers(lte))):
+        assign = torch.randperm(128, generator=torch.Generator().manual_seed(i)) % 4  # 4 experts of 32
+        m.load_state_dict({**m.state_dict(), **group_mlp(d.mlp, m.lte, i, assign)})
+        assert all(assign[m.grouping[e * 32 : (e + 1) * 32]].unique().numel() == 1 for e in range(4))
+    x = torch.randint(0, 512, (2, 12))
+    torch.testing.assert_close(lte(x), dense(x), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_grouping_a_cuda_model_equals_grouping_it_on_the_cpu():
     # k-means runs on the CPU whatever the model's device, so a checkpoint's grouping does not depend on it
@@ -501,6 +517,22 @@ def test_predictor_probe_runs_and_rejects_bad_flags(tmp_path):
     assert fitted.cfg.lte.stage == 1 and fitted.cfg.lte.expert_size == 8
     assert bool(fitted.lte_stage1_done)  # so stage 2 may start from these routers
     assert all(not torch.allclose(m.router_offset, torch.full_like(m.router_offset, 1.5)) for m in lte_layers(fitted))
+    # --grouping activations: another partition into experts of 8 (bands of 64, 64 and 32 neurons), same function
+    r = subprocess.run(
+        base + fast + ["--ranks", "0", "--grouping", "activations", "--json", "--save", str(tmp_path / "act")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["grouping"] == "activations"
+    act, _ = load_model(str(tmp_path / "act"))
+    for a, b in zip(lte_layers(act), lte_layers(fitted)):
+        assert sorted(a.grouping.tolist()) == list(range(160)) and not torch.equal(a.grouping, b.grouping)
+        a.router_offset.data.fill_(30.0)  # every expert on
+    dense = load_model("tiny")[0].eval()
+    x = torch.randint(0, 512, (2, 12))
+    torch.testing.assert_close(act.eval()(x), dense(x), atol=1e-4, rtol=1e-4)
     # data whose token ids go past the model's vocabulary (1,024 against tiny's 512)
     prepare([str(corpus)], tmp_path / "data1024", tokenizer=None, vocab_size=1024, progress=False)
     bad_flags = [("--ranks", "0,x"), ("--keep", "1"), ("--expert-size", "7"), ("--data", str(tmp_path / "no"))]
