@@ -36,7 +36,7 @@ from torch import nn
 
 from leanlm.checkpoint import add_methods, load_model, save_checkpoint
 from leanlm.config import LTEConfig
-from leanlm.data import TokenDataset, load_tokenizer_ref
+from leanlm.data import TokenDataset, _windows, load_tokenizer_ref
 from leanlm.errors import LeanLMError
 from leanlm.evaluate import evaluate
 from leanlm.lte import balanced_kmeans, group_mlp, lte_layers, set_magnitude_routing
@@ -79,11 +79,11 @@ def collect(model, tokens: torch.Tensor, keep: float, seq: int, batch: int):
 BAND = 8  # experts per magnitude band of the activation grouping (8 beat 2, 4, 16 and one band: 24.5-25.1 vs 27.9)
 
 
-def activation_grouping(dense, tokens: torch.Tensor, expert_size: int, seq: int, windows: int = 16) -> list:
+def activation_grouping(dense, tokens: np.ndarray, expert_size: int, seq: int, windows: int = 16) -> list:
     """Per layer of a dense model, each neuron's expert (F,) from its |h| on `windows` random windows of `tokens`."""
     gen = torch.Generator().manual_seed(0)
-    starts = torch.randperm(tokens.numel() // seq - 1, generator=gen)[:windows] * seq
-    rows = torch.stack([tokens[s : s + seq] for s in starts])  # (S, T)
+    starts = torch.randperm(len(tokens) // seq - 1, generator=gen)[:windows] * seq
+    rows = _windows(tokens, starts.tolist(), seq)[0]  # (S, T)
     shares = [[] for _ in dense.layers]
 
     def hook(i):
@@ -215,9 +215,8 @@ def run(args: argparse.Namespace) -> None:
     model = add_methods(dense, dense.cfg.replace(lte=lte_cfg)).float().eval()
     if args.grouping == "activations":  # replace the k-means grouping, before anything is recorded
         t0 = time.time()
-        calib = torch.from_numpy(train.tokens.astype(np.int64))
-        cal_seq = min(512, dense.cfg.max_seq_len, (calib.numel() - 1) // 2)  # >= 128: train has > 256 tokens
-        assigns = activation_grouping(dense.eval(), calib, args.expert_size, cal_seq)
+        cal_seq = min(512, dense.cfg.max_seq_len, (len(train) - 1) // 2)  # >= 128: train has > 256 tokens
+        assigns = activation_grouping(dense.eval(), train.tokens, args.expert_size, cal_seq)
         for i, (d, m) in enumerate(zip(dense.layers, lte_layers(model))):
             m.load_state_dict({**m.state_dict(), **group_mlp(d.mlp, lte_cfg, i, assigns[i])})
         print(f"grouped by activations in {time.time() - t0:.0f}s")

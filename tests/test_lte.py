@@ -17,7 +17,7 @@ from leanlm.cli import main
 from leanlm.config import LTEConfig, preset
 from leanlm.errors import LeanLMError
 from leanlm.generate import generate
-from leanlm.lte import LTEMLP, balanced_kmeans, lte_layers
+from leanlm.lte import LTEMLP, balanced_kmeans, group_mlp, lte_layers
 from leanlm.model import Transformer, decode_layout
 from leanlm.train import config_from_dict, read_config_file, train
 
@@ -89,8 +89,6 @@ def test_permutation_equivalence():
 def test_permutation_equivalence_with_a_given_grouping():
     # group_mlp with another rule's assignment (the probe's grouping by activations): that partition is stored and
     # the function is unchanged
-    from leanlm.lte import group_mlp
-
     dense = dense_model()
     lte = to_lte(dense)
     set_routers(lte, offset=30.0)
