@@ -153,9 +153,8 @@ def main() -> None:
     ap.add_argument("--keep", type=float, default=0.5)
     ap.add_argument(
         "--grouping",
-        choices=("weights", "activations"),
         default="weights",
-        help="how neurons become experts: LTE's k-means on gate rows, or by activations (see above)",
+        help="how neurons become experts: weights (LTE's k-means on gate rows) or activations (see above)",
     )
     ap.add_argument("--ranks", default="0,128", help="comma list; 0 = linear router")
     ap.add_argument("--tokens", type=int, default=32768, help="training tokens to fit on")
@@ -182,6 +181,8 @@ def run(args: argparse.Namespace) -> None:
         raise LeanLMError(f"--ranks: expected a comma list of integers >= 0 (got {args.ranks!r})")
     if args.save and 0 not in ranks:
         raise LeanLMError("--save: writes the fitted linear routers, so --ranks must include 0")
+    if args.grouping not in ("weights", "activations"):
+        raise LeanLMError(f"--grouping: must be weights or activations (got {args.grouping!r})")
     if not 0 < args.keep < 1:
         raise LeanLMError(f"--keep: must lie strictly between 0 and 1 (got {args.keep})")
     for flag, v in (

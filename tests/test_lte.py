@@ -534,6 +534,7 @@ def test_predictor_probe_runs_and_rejects_bad_flags(tmp_path):
     # data whose token ids go past the model's vocabulary (1,024 against tiny's 512)
     prepare([str(corpus)], tmp_path / "data1024", tokenizer=None, vocab_size=1024, progress=False)
     bad_flags = [("--ranks", "0,x"), ("--keep", "1"), ("--expert-size", "7"), ("--data", str(tmp_path / "no"))]
+    bad_flags += [("--grouping", "gate")]
     bad_flags += [("--data", str(tmp_path / "data1024")), ("--save", str(tmp_path / "fit2") + " --ranks=16")]
     for flag, bad in bad_flags:
         r = subprocess.run(base + fast + [flag, *bad.split()], capture_output=True, text=True, timeout=300)
