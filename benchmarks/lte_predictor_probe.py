@@ -16,9 +16,8 @@ experts on held-out tokens (and on the fit tokens), and the router's multiply-ad
 runs stage 2 (routers frozen): fitting to the oracle as a router initialisation that replaces stage 1.
 
 `--grouping activations` groups the neurons by what they do on training text instead of by their gate rows (LTE's
-balanced k-means, `weights`): each token's |h| is split into per-neuron shares; neurons are sorted by their mean share
-and cut into bands of 8 experts, and inside a band balanced k-means on the neurons' share profiles over the tokens puts
-neurons that are large on the same tokens into one expert (docs/results.md, fourteenth attempt).
+balanced k-means, `weights`), as `model.lte.grouping: activations` does in `leanlm train`
+(`leanlm.lte.activation_grouping`; docs/results.md, fourteenth attempt).
 """
 
 from __future__ import annotations
@@ -36,10 +35,10 @@ from torch import nn
 
 from leanlm.checkpoint import add_methods, load_model, save_checkpoint
 from leanlm.config import LTEConfig
-from leanlm.data import TokenDataset, _windows, load_tokenizer_ref
+from leanlm.data import TokenDataset, load_tokenizer_ref
 from leanlm.errors import LeanLMError
 from leanlm.evaluate import evaluate
-from leanlm.lte import balanced_kmeans, group_mlp, lte_layers, set_magnitude_routing
+from leanlm.lte import calibration_rows, lte_layers, set_magnitude_routing
 
 
 def collect(model, tokens: torch.Tensor, keep: float, seq: int, batch: int):
@@ -74,44 +73,6 @@ def collect(model, tokens: torch.Tensor, keep: float, seq: int, batch: int):
             h.remove()
         set_magnitude_routing(model, None)
     return xs, ys
-
-
-BAND = 8  # experts per magnitude band of the activation grouping (8 beat 2, 4, 16 and one band: 24.5-25.1 vs 27.9)
-
-
-def activation_grouping(dense, tokens: np.ndarray, expert_size: int, seq: int, windows: int = 16) -> list:
-    """Per layer of a dense model, each neuron's expert (F,) from its |h| on `windows` random windows of `tokens`."""
-    gen = torch.Generator().manual_seed(0)
-    starts = torch.randperm(len(tokens) // seq - 1, generator=gen)[:windows] * seq
-    rows = _windows(tokens, starts.tolist(), seq)[0]  # (S, T)
-    shares = [[] for _ in dense.layers]
-
-    def hook(i):
-        def f(m, args):
-            gate, up = m.gate_up_proj(args[0].flatten(0, 1)).chunk(2, dim=-1)  # (B*T, F) each
-            h = (F.silu(gate) * up).abs()
-            shares[i].append(h / h.sum(1, keepdim=True))  # each token's |h| split over the neurons
-
-        return f
-
-    handles = [b.mlp.register_forward_pre_hook(hook(i)) for i, b in enumerate(dense.layers)]
-    try:
-        with torch.no_grad():
-            for s in range(0, rows.shape[0], 4):
-                dense(rows[s : s + 4])
-    finally:
-        for h in handles:
-            h.remove()
-    assigns = []
-    for sh in shares:
-        sh = torch.cat(sh)  # (N, F)
-        order = sh.mean(0).argsort()  # neurons by mean share, smallest first
-        assign, band = torch.empty(sh.shape[1], dtype=torch.long), BAND * expert_size
-        for j in range(0, sh.shape[1], band):
-            idx = order[j : j + band]  # (band,) one band's neurons; k-means on their profiles over the tokens
-            assign[idx] = j // expert_size + balanced_kmeans(sh[:, idx].t(), idx.numel() // expert_size)
-        assigns.append(assign)
-    return assigns
 
 
 class Predictor(nn.Module):
@@ -192,7 +153,7 @@ def run(args: argparse.Namespace) -> None:
     ):
         if v < 1:
             raise LeanLMError(f"{flag}: must be at least 1 (got {v})")
-    lte_cfg = LTEConfig(expert_size=args.expert_size)
+    lte_cfg = LTEConfig(expert_size=args.expert_size, grouping=args.grouping)
     try:  # the manifest gives the token dtype and checks both splits are there and whole
         train, val = TokenDataset(args.data, "train"), TokenDataset(args.data, "val")
     except LeanLMError as e:
@@ -213,14 +174,10 @@ def run(args: argparse.Namespace) -> None:
     seq = min(256, dense.cfg.max_seq_len)
     if min(fit_tokens.numel(), held_tokens.numel()) <= seq:
         raise LeanLMError(f"--data: fewer than {seq + 1} tokens in its train or val split")
-    model = add_methods(dense, dense.cfg.replace(lte=lte_cfg)).float().eval()
-    if args.grouping == "activations":  # replace the k-means grouping, before anything is recorded
-        t0 = time.time()
-        cal_seq = min(512, dense.cfg.max_seq_len, (len(train) - 1) // 2)  # >= 128: train has > 256 tokens
-        assigns = activation_grouping(dense.eval(), train.tokens, args.expert_size, cal_seq)
-        for i, (d, m) in enumerate(zip(dense.layers, lte_layers(model))):
-            m.load_state_dict({**m.state_dict(), **group_mlp(d.mlp, lte_cfg, i, assigns[i])})
-        print(f"grouped by activations in {time.time() - t0:.0f}s")
+    t0 = time.time()
+    rows = calibration_rows(train.tokens, dense.cfg.max_seq_len) if args.grouping == "activations" else None
+    model = add_methods(dense, dense.cfg.replace(lte=lte_cfg), calibration=rows).float().eval()
+    print(f"grouped by {args.grouping} in {time.time() - t0:.0f}s")
     del dense
     t0 = time.time()
     xs, ys = collect(model, fit_tokens, args.keep, seq, 8)

@@ -17,6 +17,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from torch import Tensor
+
 from leanlm.config import METHODS, PRESETS, PRETRAINED_PRESETS, ModelConfig, merge_preset, preset
 from leanlm.errors import LeanLMError
 from leanlm.model import Transformer, torch_dtype
@@ -84,9 +86,11 @@ def build_model(cfg: ModelConfig) -> Transformer:
     return model
 
 
-def add_methods(model: Transformer, cfg: ModelConfig, seed: int = 0) -> Transformer:
+def add_methods(model: Transformer, cfg: ModelConfig, seed: int = 0, calibration: Tensor | None = None) -> Transformer:
     """Turn a trained model into the architecture `cfg` describes: same backbone weights, the method's new modules
-    initialised as the method initialises them (e.g. a pretrained LLaMA uptrained into a SUBLLM with `run.init`)."""
+    initialised as the method initialises them (e.g. a pretrained LLaMA uptrained into a SUBLLM with `run.init`).
+
+    calibration: token rows (S, T) of training text, for what groups by activations (LTE's grouping=activations)."""
     if model.cfg.backbone() != cfg.backbone():
         raise LeanLMError(f"cannot convert into {cfg.arch}: the model's backbone differs from the configured one")
     for m in METHODS:
@@ -98,7 +102,7 @@ def add_methods(model: Transformer, cfg: ModelConfig, seed: int = 0) -> Transfor
     if cfg.lte is not None:
         from leanlm.lte import init_routers, lte_state_dict
 
-        state = lte_state_dict(model, cfg, seed)  # dense: expert grouping + permutation; LTE: the stage change
+        state = lte_state_dict(model, cfg, seed, calibration)  # dense: grouping + permutation; LTE: the stage change
     new = build_model(cfg).init_weights(seed)
     missing, unexpected = new.load_state_dict(state, strict=False)
     if cfg.lte is not None and model.cfg.lte is None:  # new routers (may be initialised from the grouped weights)

@@ -1,7 +1,8 @@
 """LTE ("Learn To be Efficient", arXiv 2402.06126): learned, structured FFN sparsity (spec: shared/specs/lte.md).
 
 Each SwiGLU FFN's neurons are grouped into experts of `expert_size` neurons (balanced k-means on the L2-normalised
-gate rows), permuted so every expert is contiguous, and given a linear router with an elementwise sigmoid.
+gate rows; or, with `grouping: activations`, by their activations on training text), permuted so every expert is
+contiguous, and given a linear router with an elementwise sigmoid.
 
 - Stage 1 (training, soft): every expert is computed and its neurons are scaled by its score G; the model adds
   eta * L_eff + lambda_sep * L_sep through `aux_loss()`.
@@ -35,11 +36,13 @@ import contextlib
 import functools
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from leanlm.config import LTEConfig, ModelConfig
+from leanlm.data import _windows
 from leanlm.errors import LeanLMError
 from leanlm.kernels import cpp_kernels
 from leanlm.model import MLP, Transformer, dense_flops_per_token
@@ -445,10 +448,67 @@ def group_mlp(mlp: MLP, lte: LTEConfig, seed: int, assign: Tensor | None = None)
     return {"gate_up_proj.weight": blocks.reshape(2 * Fd, C), "down_proj.weight": w_d[:, perm], "grouping": perm}
 
 
-def lte_state_dict(model: Transformer, cfg: ModelConfig, seed: int = 0) -> dict[str, Tensor]:
+CALIBRATION_WINDOWS, CALIBRATION_LEN = 16, 512  # the training text grouping by activations looks at: 8,192 tokens
+BAND = 8  # experts per magnitude band (8 beat 2, 4, 16 and a single band on SmolLM2: 24.5-25.1 vs 27.9 perplexity)
+
+
+def calibration_rows(tokens: np.ndarray, max_seq_len: int, seed: int = 0) -> Tensor:
+    """CALIBRATION_WINDOWS random windows (S, T) of a token array (a prepared split) for `activation_grouping`."""
+    seq = min(CALIBRATION_LEN, max_seq_len, (len(tokens) - 1) // 2)
+    if seq < 16:
+        raise LeanLMError(f"model.lte.grouping=activations: {len(tokens)} training tokens are too few to group by")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randperm(len(tokens) // seq - 1, generator=gen)[:CALIBRATION_WINDOWS] * seq
+    return _windows(tokens, starts.tolist(), seq)[0]
+
+
+@torch.no_grad()
+def activation_grouping(model: nn.Module, rows: Tensor, expert_size: int) -> list[Tensor]:
+    """Per layer of a dense model, each neuron's expert (F,), from what the neurons do on the token rows (S, T).
+
+    Each token's |h| = |SiLU(gate) * up| is split into per-neuron shares. Neurons are sorted by their mean share and
+    cut into bands of BAND experts, so an expert's neurons are of a similar size (most of the gain: the oracle keeps
+    or drops whole experts, and a large neuron among small ones is dropped with them); inside a band, balanced
+    k-means on the neurons' share profiles over the tokens puts neurons that are large on the same tokens together.
+    """
+    inputs: list[list[Tensor]] = [[] for _ in model.layers]
+    handles = [
+        b.mlp.register_forward_pre_hook(lambda m, args, i=i: inputs[i].append(args[0].flatten(0, 1)))
+        for i, b in enumerate(model.layers)
+    ]
+    was_training = model.training
+    try:
+        model.eval()
+        for s in range(0, rows.shape[0], 4):  # 4 rows at a time: the logits of 16 x 512 tokens would take 1.6 GB
+            model(rows[s : s + 4])
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    assigns = []
+    for block, xs in zip(model.layers, inputs):
+        shares = []
+        for x in xs:  # (N, C) per chunk, one layer at a time: all layers' (N, F) shares at once would be ~3x larger
+            gate, up = block.mlp.gate_up_proj(x).chunk(2, dim=-1)  # (N, F) each
+            h = (F.silu(gate) * up).abs()
+            shares.append(h / h.sum(1, keepdim=True))
+        sh = torch.cat(shares)  # (S*T, F)
+        order = sh.mean(0).argsort()  # neurons by mean share, smallest first
+        assign, band = torch.empty(sh.shape[1], dtype=torch.long), BAND * expert_size
+        for j in range(0, sh.shape[1], band):
+            idx = order[j : j + band]  # (band,) one band's neurons, clustered by their profiles over the tokens
+            assign[idx] = j // expert_size + balanced_kmeans(sh[:, idx].t(), idx.numel() // expert_size)
+        assigns.append(assign)
+    return assigns
+
+
+def lte_state_dict(
+    model: Transformer, cfg: ModelConfig, seed: int = 0, calibration: Tensor | None = None
+) -> dict[str, Tensor]:
     """The state dict to load into build_model(cfg) when `model` gets (or changes) its LTE stage.
 
-    dense -> stage 1: groups and permutes every FFN. stage 1 -> stage 2: the same weights, routers kept.
+    dense -> stage 1: groups and permutes every FFN (grouping=activations: from the calibration token rows (S, T)).
+    stage 1 -> stage 2: the same weights, routers kept.
     """
     old, new = model.cfg.lte, cfg.lte
     state = dict(model.state_dict())
@@ -458,14 +518,23 @@ def lte_state_dict(model: Transformer, cfg: ModelConfig, seed: int = 0) -> dict[
                 "model.lte.stage=2 needs a stage-1 LTE checkpoint as run.init (got a model without LTE); "
                 "run stage 1 first"
             )
+        assigns: list[Tensor | None] = [None] * len(model.layers)
+        if new.grouping == "activations":
+            if calibration is None:
+                raise LeanLMError(
+                    "model.lte.grouping=activations needs training text to group by: convert with `leanlm train`"
+                )
+            assigns = activation_grouping(model, calibration, new.expert_size)
         for i, block in enumerate(model.layers):
-            for k, v in group_mlp(block.mlp, new, seed + i).items():
+            for k, v in group_mlp(block.mlp, new, seed + i, assigns[i]).items():
                 state[f"layers.{i}.mlp.{k}"] = v
         return state
     if old.expert_size != new.expert_size:
         raise LeanLMError(
             f"model.lte.expert_size: the model's experts have {old.expert_size} neurons, not {new.expert_size}"
         )
+    if old.grouping != new.grouping:
+        raise LeanLMError(f"model.lte.grouping: the model's experts were grouped by {old.grouping}, not {new.grouping}")
     if (old.stage, new.stage) not in ((1, 1), (1, 2), (2, 2)):
         raise LeanLMError(f"model.lte.stage: cannot go from stage {old.stage} back to stage {new.stage}")
     return state

@@ -600,7 +600,7 @@ def train(cfg: TrainConfig) -> dict:
         del found  # the weights and optimizer state are dropped as soon as they are loaded into place
 
         # ---- model: resumed weights, a pretrained init, or a fresh random model --------------------------------------
-        init_tok = None
+        init_tok, added = None, None  # added: the architecture run.init is converted into, once the data is ready
         if ckpt_path is not None:
             if state["step"] > run.steps:
                 raise LeanLMError(f"resume: {ckpt_path} is at step {state['step']}, beyond run.steps={run.steps}")
@@ -612,7 +612,6 @@ def train(cfg: TrainConfig) -> dict:
             weights = None
         elif run.init:
             model, init_tok = load_model(run.init, dtype="float32", seed=run.seed)
-            init_arch, added = model.cfg.arch, None
             if cfg.add_methods:
                 added = ModelConfig.from_dict({**model.cfg.to_dict(), **cfg.add_methods}, where="model")
             elif cfg.model is not None and cfg.model.backbone() == model.cfg.backbone():
@@ -621,15 +620,15 @@ def train(cfg: TrainConfig) -> dict:
                 changed = {m: getattr(cfg.model, m) for m in METHODS if getattr(cfg.model, m) is not None}
                 if any(v != getattr(model.cfg, m) for m, v in changed.items()):
                     added = model.cfg.replace(**changed)
-            if added is not None:
-                model = add_methods(model, added, seed=run.seed)
-                if model.cfg.arch != init_arch:
-                    note(f"note: run.init={run.init}: converted into {added.arch} (new modules initialised)")
-            model_cfg = model.cfg
+            model_cfg = added or model.cfg
             if cfg.model is not None and cfg.model != model_cfg:
                 note(f"note: run.init={run.init}: the model section is ignored, the architecture is the init model's")
         else:
             model_cfg = cfg.model
+            if model_cfg.lte is not None and model_cfg.lte.grouping == "activations":
+                raise LeanLMError(
+                    "model.lte.grouping=activations groups a trained dense model's neurons: set run.init to one"
+                )
             model = build_model(model_cfg).init_weights(run.seed)
         if run.seq_len > model_cfg.max_seq_len:
             raise LeanLMError(f"run.seq_len={run.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
@@ -675,6 +674,16 @@ def train(cfg: TrainConfig) -> dict:
         batches = BatchIterator(
             train_data, local_batch, run.seq_len, seed=run.seed, rank=d.rank, world_size=d.world_size
         )
+        if added is not None:  # converted here, after the data: LTE's grouping by activations calibrates on it
+            calibration = None
+            if added.lte is not None and added.lte.grouping == "activations" and model.cfg.lte is None:
+                from leanlm.lte import calibration_rows
+
+                calibration = calibration_rows(train_data.tokens, added.max_seq_len)
+            init_arch = model.cfg.arch
+            model = add_methods(model, added, seed=run.seed, calibration=calibration)
+            if model.cfg.arch != init_arch:
+                note(f"note: run.init={run.init}: converted into {added.arch} (new modules initialised)")
 
         # ---- optimizer: after wrapping, since FSDP replaces the parameters with shards -------------------------------
         raw = model.float().to(d.device)

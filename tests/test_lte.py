@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from leanlm.cli import main
 from leanlm.config import LTEConfig, preset
 from leanlm.errors import LeanLMError
 from leanlm.generate import generate
-from leanlm.lte import LTEMLP, balanced_kmeans, group_mlp, lte_layers
+from leanlm.lte import LTEMLP, activation_grouping, balanced_kmeans, calibration_rows, group_mlp, lte_layers
 from leanlm.model import Transformer, decode_layout
 from leanlm.train import config_from_dict, read_config_file, train
 
@@ -98,6 +99,37 @@ def test_permutation_equivalence_with_a_given_grouping():
         assert all(assign[m.grouping[e * 32 : (e + 1) * 32]].unique().numel() == 1 for e in range(4))
     x = torch.randint(0, 512, (2, 12))
     torch.testing.assert_close(lte(x), dense(x), atol=1e-5, rtol=1e-5)
+
+
+def test_grouping_by_activations_bands_and_keeps_the_function():
+    # experts of 8: 16 experts in two magnitude bands of 8; every neuron of the first band's experts has a smaller
+    # mean share of |h| than any neuron of the second's; the stored partition is that one; all experts on = dense
+    dense = dense_model()
+    rows = calibration_rows(np.random.default_rng(0).integers(0, 512, 10_000), dense.cfg.max_seq_len)
+    assert rows.shape == (16, 256)  # 16 windows of the tiny model's max_seq_len
+    lte = add_methods(dense, dense.cfg.replace(lte=LTEConfig(expert_size=8, grouping="activations")), calibration=rows)
+    kmeans = add_methods(dense, dense.cfg.replace(lte=LTEConfig(expert_size=8)))
+    assert lte.cfg.lte.grouping == "activations"
+    inputs = []
+    hooks = [b.mlp.register_forward_pre_hook(lambda m, a: inputs.append(a[0].flatten(0, 1))) for b in dense.layers]
+    with torch.no_grad():
+        dense(rows)
+    for h in hooks:
+        h.remove()
+    assigns = activation_grouping(dense, rows, 8)
+    for d, m, k, x, assign in zip(dense.layers, lte_layers(lte), lte_layers(kmeans), inputs, assigns):
+        gate, up = d.mlp.gate_up_proj(x).chunk(2, dim=-1)  # (N, F)
+        h = (F.silu(gate) * up).abs()
+        share = (h / h.sum(1, keepdim=True)).mean(0)  # (F,)
+        assert torch.equal(assign.bincount(), torch.full((16,), 8))
+        assert share[assign < 8].max() <= share[assign >= 8].min()
+        assert all(assign[m.grouping[e * 8 : (e + 1) * 8]].unique().numel() == 1 for e in range(16))
+        assert not torch.equal(m.grouping, k.grouping)
+    set_routers(lte, offset=30.0)
+    x = rows[:2, :12]
+    torch.testing.assert_close(lte(x), dense(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(LeanLMError, match="grouping=activations needs training text"):
+        add_methods(dense, dense.cfg.replace(lte=LTEConfig(grouping="activations")))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -329,6 +361,35 @@ def test_saved_config_of_an_lte_run_repeats_it(tmp_path, tiny_data):
             assert torch.equal(a, b)  # same init, seed and data: the same run
 
 
+def test_train_groups_by_activations_on_its_data_and_stage2_keeps_it(tmp_path, tiny_data):
+    # leanlm train converts after preparing the data, so grouping=activations calibrates on the training split;
+    # stage 2 must name the model's grouping and expert size (one line naming the key when it does not)
+    from leanlm.data import TokenDataset
+
+    dense = train(config_from_dict(run_cfg(tmp_path / "d", tiny_data, model={"preset": "tiny", **CFG}, steps=2)))
+    lte = {"eta": 1.0, "expert_size": 8, "grouping": "activations"}
+    s1 = train(config_from_dict(run_cfg(tmp_path / "s1", tiny_data, dense["checkpoint"], {"lte": lte})))
+    d, _ = load_model(dense["checkpoint"])
+    rows = calibration_rows(TokenDataset(tiny_data, "train").tokens, d.cfg.max_seq_len)
+    want = add_methods(d, d.cfg.replace(lte=LTEConfig(**lte)), seed=0, calibration=rows)
+    m1, _ = load_model(s1["checkpoint"])
+    assert m1.cfg.lte.grouping == "activations"
+    for a, b in zip(lte_layers(m1), lte_layers(want)):  # the grouping is a buffer: training leaves it
+        assert torch.equal(a.grouping, b.grouping)
+    with pytest.raises(LeanLMError, match="grouping: the model's experts were grouped by activations, not weights"):
+        train(
+            config_from_dict(
+                run_cfg(tmp_path / "x", tiny_data, s1["checkpoint"], {"lte": {"stage": 2, "expert_size": 8}})
+            )
+        )
+    s2_lte = {**lte, "stage": 2}
+    s2 = train(config_from_dict(run_cfg(tmp_path / "s2", tiny_data, s1["checkpoint"], {"lte": s2_lte})))
+    m2, _ = load_model(s2["checkpoint"])
+    assert m2.cfg.lte.grouping == "activations" and m2.cfg.lte.stage == 2
+    for a, b in zip(lte_layers(m1), lte_layers(m2)):
+        assert torch.equal(a.grouping, b.grouping)
+
+
 def test_lte_subllm_trains_and_generates(tmp_path, tiny_data):
     pytest.importorskip("leanlm.subllm")
     # scores start at 0.5 (offset 0, not the default 1.5), so some experts are off after 3 steps
@@ -373,6 +434,8 @@ def one_line_exit_2(capsys, argv, needle):
         ({"preset": "tiny", **CFG, "lte": {"expert_size": 48}}, "model.lte.expert_size: must divide"),
         ({"preset": "tiny", **CFG, "lte": {"eta": -1}}, "model.lte.eta: must be >= 0"),
         ({"preset": "tiny", **CFG, "lte": {"stage": 2}}, "needs the routers of a stage-1 LTE checkpoint"),
+        ({"preset": "tiny", **CFG, "lte": {"grouping": "gate"}}, "model.lte.grouping: must be weights"),
+        ({"preset": "tiny", **CFG, "lte": {"grouping": "activations"}}, "groups a trained dense model's neurons"),
     ],
 )
 def test_bad_input_cli(tmp_path, capsys, tiny_data, model, needle):
