@@ -600,7 +600,13 @@ def train(cfg: TrainConfig) -> dict:
         del found  # the weights and optimizer state are dropped as soon as they are loaded into place
 
         # ---- model: resumed weights, a pretrained init, or a fresh random model --------------------------------------
-        init_tok, added = None, None  # added: the architecture run.init is converted into, once the data is ready
+        def convert(model: nn.Module, added: ModelConfig, calibration: Tensor | None = None) -> nn.Module:
+            new = add_methods(model, added, seed=run.seed, calibration=calibration)
+            if new.cfg.arch != model.cfg.arch:
+                note(f"note: run.init={run.init}: converted into {added.arch} (new modules initialised)")
+            return new
+
+        init_tok, added, calibrate = None, None, False
         if ckpt_path is not None:
             if state["step"] > run.steps:
                 raise LeanLMError(f"resume: {ckpt_path} is at step {state['step']}, beyond run.steps={run.steps}")
@@ -620,6 +626,12 @@ def train(cfg: TrainConfig) -> dict:
                 changed = {m: getattr(cfg.model, m) for m in METHODS if getattr(cfg.model, m) is not None}
                 if any(v != getattr(model.cfg, m) for m, v in changed.items()):
                     added = model.cfg.replace(**changed)
+            # LTE grouped by activations calibrates on the training text, so that conversion waits for the data
+            calibrate = (
+                added is not None and model.cfg.lte is None and getattr(added.lte, "grouping", "") == "activations"
+            )
+            if added is not None and not calibrate:
+                model = convert(model, added)
             model_cfg = added or model.cfg
             if cfg.model is not None and cfg.model != model_cfg:
                 note(f"note: run.init={run.init}: the model section is ignored, the architecture is the init model's")
@@ -674,16 +686,10 @@ def train(cfg: TrainConfig) -> dict:
         batches = BatchIterator(
             train_data, local_batch, run.seq_len, seed=run.seed, rank=d.rank, world_size=d.world_size
         )
-        if added is not None:  # converted here, after the data: LTE's grouping by activations calibrates on it
-            calibration = None
-            if added.lte is not None and added.lte.grouping == "activations" and model.cfg.lte is None:
-                from leanlm.lte import calibration_rows
+        if calibrate:
+            from leanlm.lte import calibration_rows
 
-                calibration = calibration_rows(train_data.tokens, added.max_seq_len)
-            init_arch = model.cfg.arch
-            model = add_methods(model, added, seed=run.seed, calibration=calibration)
-            if model.cfg.arch != init_arch:
-                note(f"note: run.init={run.init}: converted into {added.arch} (new modules initialised)")
+            model = convert(model, added, calibration_rows(train_data.tokens, added.max_seq_len))
 
         # ---- optimizer: after wrapping, since FSDP replaces the parameters with shards -------------------------------
         raw = model.float().to(d.device)
