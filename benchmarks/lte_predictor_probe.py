@@ -15,6 +15,11 @@ experts on held-out tokens (and on the fit tokens), and the router's multiply-ad
 `--save DIR` writes the model with the fitted linear routers as a stage-1 LTE checkpoint, from which `leanlm train`
 runs stage 2 (routers frozen): fitting to the oracle as a router initialisation that replaces stage 1.
 
+`--refit-down` (with the linear router) then refits each FFN's down projection by least squares so that the FFN routed
+hard by the fitted router reproduces the dense FFN's output on the fit tokens (`refit_down`; not in the paper: a
+training-free compensation for the experts it drops, as pruning methods refit the weights they keep; docs/results.md,
+sixteenth attempt). `--save` then writes the refitted down projections too.
+
 `--grouping activations` groups the neurons by what they do on training text instead of by their gate rows (LTE's
 balanced k-means, `weights`), as `model.lte.grouping: activations` does in `leanlm train`
 (`leanlm.lte.activation_grouping`; docs/results.md, fourteenth attempt).
@@ -105,6 +110,27 @@ def fit(x: torch.Tensor, y: torch.Tensor, rank: int, steps: int, lr: float, seed
     return p
 
 
+@torch.no_grad()
+def refit_down(m: nn.Module, x: torch.Tensor, ridge: float = 1e-3) -> None:
+    """Refit the down projection of an LTE FFN m so that, routed hard by its router, it best reproduces its current
+    dense output on the inputs x (N, C): W = argmin ||(on * h) W^T - h W0^T||^2 + ridge * mean(diag A) ||W||^2, with
+    h (N, F) the neurons' activations, on (N, F) the router's choice broadcast to its experts and A = (on*h)^T (on*h).
+    The ridge keeps the solve well posed (an expert the router never picks gets a zero block: it is never read)."""
+    Fd = m.n * m.E
+    A = torch.zeros(Fd, Fd, dtype=torch.float64)
+    B = torch.zeros(Fd, m.down_proj.weight.shape[0], dtype=torch.float64)
+    for s in range(0, x.shape[0], 4096):
+        xb = x[s : s + 4096].float()  # (b, C)
+        h = m.hidden(xb)  # (b, n, E)
+        on = m.logits(xb) > 0  # (b, n): the hard routing of inference and stage 2
+        hm = (h * on.unsqueeze(-1)).flatten(-2).double()  # (b, F)
+        y = m.down_proj(h.flatten(-2)).double()  # (b, C): the dense output, the target
+        A += hm.t() @ hm
+        B += hm.t() @ y
+    A.diagonal().add_(ridge * A.diagonal().mean())
+    m.down_proj.weight.copy_(torch.linalg.solve(A, B).t())  # (C, F)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="dense checkpoint (the oracle's source)")
@@ -124,6 +150,11 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512, help="evaluation windows' length")
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--refit-down",
+        action="store_true",
+        help="after fitting the linear routers, refit the down projections by least squares (needs 0 in --ranks)",
+    )
     ap.add_argument("--save", help="write the model with the fitted linear routers (needs 0 in --ranks) here")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -142,6 +173,8 @@ def run(args: argparse.Namespace) -> None:
         raise LeanLMError(f"--ranks: expected a comma list of integers >= 0 (got {args.ranks!r})")
     if args.save and 0 not in ranks:
         raise LeanLMError("--save: writes the fitted linear routers, so --ranks must include 0")
+    if args.refit_down and 0 not in ranks:
+        raise LeanLMError("--refit-down: refits under the fitted linear routers, so --ranks must include 0")
     if args.grouping not in ("weights", "activations"):
         raise LeanLMError(f"--grouping: must be weights or activations (got {args.grouping!r})")
     if not 0 < args.keep < 1:
@@ -199,7 +232,10 @@ def run(args: argparse.Namespace) -> None:
     C, ffn = layers[0].down_proj.weight.shape
     ffn_macs = 3 * C * ffn
     rows = [{"predictor": "oracle", "perplexity": oracle, "sparsity": oracle_sp}]
-    saved = [(m.router, m.router.weight.data.clone(), m.router_offset.data.clone()) for m in layers]
+    saved = [
+        (m.router, m.router.weight.data.clone(), m.router_offset.data.clone(), m.down_proj.weight.data.clone())
+        for m in layers
+    ]
     for rank in ranks:
         t0 = time.time()
         recalls, fit_recalls = [], []
@@ -214,6 +250,8 @@ def run(args: argparse.Namespace) -> None:
             if rank == 0:  # LTE's own router (weight, offset): the fitted bias moves into the offset
                 m.router.weight.data = p.net.weight.data.clone()
                 m.router_offset.data = p.net.bias.data - thr
+                if args.refit_down:
+                    refit_down(m, xs[i])
             else:
                 m.router = p
                 m.router_offset.data = torch.full_like(m.router_offset, -float(thr))
@@ -225,7 +263,7 @@ def run(args: argparse.Namespace) -> None:
             model.lte_stage1_done.fill_(False)
             print(f"saved the model with the fitted linear routers to {args.save}")
         row = {
-            "predictor": "linear" if rank == 0 else f"mlp-r{rank}",
+            "predictor": ("linear+refit" if args.refit_down else "linear") if rank == 0 else f"mlp-r{rank}",
             "perplexity": perp,
             "sparsity": sp,
             "recall": sum(recalls) / len(recalls),
@@ -239,8 +277,8 @@ def run(args: argparse.Namespace) -> None:
             f"recall {row['recall']:.3f} (fit tokens: {row['recall_on_fit_tokens']:.3f}), "
             f"router {row['router_macs_vs_ffn']:.3f} of FFN MACs, fit {fit_s:.0f}s"
         )
-        for m, (r, w, off) in zip(layers, saved):
-            m.router, m.router.weight.data, m.router_offset.data = r, w, off
+        for m, (r, w, off, w_d) in zip(layers, saved):
+            m.router, m.router.weight.data, m.router_offset.data, m.down_proj.weight.data = r, w, off, w_d
     if args.json:
         print(
             json.dumps(

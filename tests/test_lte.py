@@ -546,6 +546,40 @@ def test_ffn_bench_expert_size_errors_are_one_line():
         LTEMLP(64, 96, LTEConfig(expert_size=7))
 
 
+def test_probe_refit_down_is_the_least_squares_fit_under_the_router():
+    """lte_predictor_probe.refit_down: with every expert on it gives back the dense down projection; with a router
+    that drops experts it lowers the hard-routed FFN's error to the dense output and solves the normal equations."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "lte_predictor_probe.py"
+    spec = importlib.util.spec_from_file_location("lte_predictor_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    m = lte_layers(to_lte(dense_model(ffn_dim=256), expert_size=32))[0]  # 8 experts
+    x = torch.randn(600, 64)
+    w0 = m.down_proj.weight.detach().clone()
+    with torch.no_grad():
+        m.router_offset.fill_(30.0)  # every expert on: the dense output is reached with the dense weights
+    probe.refit_down(m, x, ridge=1e-9)
+    torch.testing.assert_close(m.down_proj.weight, w0, atol=1e-4, rtol=1e-3)
+    with torch.no_grad():
+        m.router.weight.normal_(0.0, 1.0)
+        m.router_offset.zero_()
+        on = m.logits(x) > 0  # (N, n): about half the experts per token, different ones per token
+        h = m.hidden(x)  # (N, n, E)
+        hm = (h * on.unsqueeze(-1)).flatten(-2)  # (N, F)
+        y = m.down_proj(h.flatten(-2))  # the dense output, the target
+    assert 0.3 < on.float().mean() < 0.7
+    before = (m.down_proj(hm) - y).square().mean()
+    probe.refit_down(m, x, ridge=1e-9)
+    with torch.no_grad():
+        r = m.down_proj(hm) - y  # (N, C) residual under the same routing
+    assert r.square().mean() < 0.8 * before
+    grad = hm.double().t() @ r.double()  # (F, C): zero at the least-squares optimum
+    assert grad.abs().max() < 1e-3 * (hm.double().t() @ y.double()).abs().max()
+
+
 def test_predictor_probe_runs_and_rejects_bad_flags(tmp_path):
     """benchmarks/lte_predictor_probe.py on the tiny preset: the oracle keeps exactly --keep of the experts, every
     fitted predictor serves close to that after its offset calibration, recall lies in [0, 1], the JSON is the last
@@ -566,10 +600,11 @@ def test_predictor_probe_runs_and_rejects_bad_flags(tmp_path):
     fast = ["--expert-size", "8", "--tokens", "2048", "--steps", "20", "--eval-windows", "2", "--threads", "1"]
     fast += ["--seq-len", "128"]
     save = ["--save", str(tmp_path / "fit")]
-    r = subprocess.run(base + fast + ["--ranks", "0,16", "--json"] + save, capture_output=True, text=True, timeout=300)
+    cmd = base + fast + ["--ranks", "0,16", "--refit-down", "--json"] + save
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout.strip().splitlines()[-1])["rows"]
-    assert [row["predictor"] for row in rows] == ["oracle", "linear", "mlp-r16"]
+    assert [row["predictor"] for row in rows] == ["oracle", "linear+refit", "mlp-r16"]
     assert rows[0]["sparsity"] == pytest.approx(0.5)  # tiny: 20 experts of 8, keep 10
     for row in rows[1:]:
         assert abs(row["sparsity"] - 0.5) < 0.15 and 0 <= row["recall"] <= 1 and row["perplexity"] > 1
@@ -594,10 +629,14 @@ def test_predictor_probe_runs_and_rejects_bad_flags(tmp_path):
     dense = load_model("tiny")[0].eval()
     x = torch.randint(0, 512, (2, 12))
     torch.testing.assert_close(act.eval()(x), dense(x), atol=1e-4, rtol=1e-4)
+    # --refit-down was saved: the first run's down projections are no longer the dense ones (all experts on differs)
+    for m in lte_layers(fitted):
+        m.router_offset.data.fill_(30.0)
+    assert not torch.allclose(fitted.eval()(x), dense(x), atol=1e-3, rtol=1e-3)
     # data whose token ids go past the model's vocabulary (1,024 against tiny's 512)
     prepare([str(corpus)], tmp_path / "data1024", tokenizer=None, vocab_size=1024, progress=False)
     bad_flags = [("--ranks", "0,x"), ("--keep", "1"), ("--expert-size", "7"), ("--data", str(tmp_path / "no"))]
-    bad_flags += [("--grouping", "gate")]
+    bad_flags += [("--grouping", "gate"), ("--refit-down", "--ranks=16")]
     bad_flags += [("--data", str(tmp_path / "data1024")), ("--save", str(tmp_path / "fit2") + " --ranks=16")]
     for flag, bad in bad_flags:
         r = subprocess.run(base + fast + [flag, *bad.split()], capture_output=True, text=True, timeout=300)
