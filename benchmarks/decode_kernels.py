@@ -15,14 +15,16 @@ import argparse
 import contextlib
 import json
 import statistics
+import sys
 
 import torch
 
-from leanlm.bench import _summary, steps_in_turn
 from leanlm.checkpoint import load_model
-from leanlm.model import decode_layout
+from leanlm.errors import LeanLMError
+from leanlm.kernels import decode_layout
+from leanlm.measure import steps_in_turn, summarize
 
-KERNELS = ("torch", "cpp")
+KERNELS = ("torch", "cpp")  # the two decode paths compared (leanlm.kernels)
 
 
 @torch.inference_mode()
@@ -50,19 +52,25 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    models = {k: load_model(args.model)[0].eval() for k in KERNELS}  # presets: the same seed, the same weights
-    vocab = models["torch"].cfg.vocab_size
-    gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, vocab, (1, args.prompt_len + args.steps), generator=gen)
-    with contextlib.ExitStack() as stack:
-        for k, m in models.items():
-            stack.enter_context(decode_layout(m, k))
-        run(models, tokens[:, : args.prompt_len + 8], args.prompt_len)  # warm-up (and the kernels' first load)
-        seconds, diffs = [], []
-        for _ in range(args.repeats):
-            elapsed, diff = run(models, tokens, args.prompt_len)
-            seconds.append(elapsed)
-            diffs.append(diff)
+    for name in ("prompt_len", "steps", "repeats"):
+        if getattr(args, name) < 1:
+            sys.exit(f"error: --{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    try:
+        models = {k: load_model(args.model)[0].eval() for k in KERNELS}  # presets: the same seed, the same weights
+        vocab = models["torch"].cfg.vocab_size
+        gen = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, vocab, (1, args.prompt_len + args.steps), generator=gen)
+        with contextlib.ExitStack() as stack:
+            for k, m in models.items():
+                stack.enter_context(decode_layout(m, k))
+            run(models, tokens[:, : args.prompt_len + 8], args.prompt_len)  # warm-up (and the kernels' first load)
+            seconds, diffs = [], []
+            for _ in range(args.repeats):
+                elapsed, diff = run(models, tokens, args.prompt_len)
+                seconds.append(elapsed)
+                diffs.append(diff)
+    except LeanLMError as e:
+        sys.exit(f"error: {e}")
     ms = {k: statistics.median(s[k] for s in seconds) * 1e3 / args.steps for k in KERNELS}
     ratios = [s["torch"] / s["cpp"] for s in seconds]
     res = {
@@ -71,7 +79,7 @@ def main() -> None:
         "steps": args.steps,
         "threads": torch.get_num_threads(),
         "ms_per_step": ms,
-        "speedup": _summary(ratios),
+        "speedup": summarize(ratios),
         "max_abs_logit_diff": max(diffs),
     }
     print(

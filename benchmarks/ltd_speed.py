@@ -5,7 +5,10 @@
         --dense-steps 24                                                # a full schedule vs dense, equal LayerTokens
 
 Two models with the same initial weights, each with its own AdamW, train on the same fixed random tokens (the
-`leanlm bench` protocol: leanlm.bench.TrainStep); one of them runs random-LTD (first and last layer exempt).
+`leanlm bench` protocol: leanlm.measure.TrainStep); one of them runs random-LTD (first and last layer exempt), set
+up as the training loop sets it up (`RandomLTD.setup_run`, `leanlm.methods.install`, `set_step` before each step).
+Executed FLOPs come from `model.flops("train", n)` with the router installed, LayerTokens from
+leanlm.training.optim.LayerTokens.
 
 Fixed r (default): every repeat times one dense step and one random-LTD step at r = --r (default n/2), the order
 swapped every other repeat; reported: the per-repeat speed-up (median [min, max]) and the executed-FLOP ratio.
@@ -31,12 +34,14 @@ import sys
 
 import torch
 
-from leanlm.bench import TrainStep
 from leanlm.config import preset
-from leanlm.distributed import setup
 from leanlm.errors import LeanLMError
-from leanlm.ltd import LayerTokenPlan, LTDConfig, RandomLTD
+from leanlm.measure import TrainStep
+from leanlm.methods import install
+from leanlm.methods.ltd import LTDConfig, RandomLTD
 from leanlm.model import Transformer
+from leanlm.training.distributed import setup
+from leanlm.training.optim import LayerTokens
 
 
 def main() -> None:
@@ -63,18 +68,26 @@ def main() -> None:
         sys.exit(f"error: --device: {e}")
 
     n = args.seq_len
-    cfg = preset(args.preset, max_seq_len=max(n, 2))
+    try:
+        cfg = preset(args.preset, max_seq_len=max(n, 2))
+        if args.schedule:  # linear r_min -> n over the dense run's steps
+            ltd = RandomLTD(LTDConfig(r_min=args.r_min, q=args.q))
+            ltd.setup_run(cfg, n, args.dense_steps)
+        else:  # r fixed at --r: a constant schedule, measured at step 0
+            ltd = RandomLTD(LTDConfig(r_min=args.r or n // 2, q=1, schedule="constant"))
+            ltd.setup_run(cfg, n, 1)
+    except LeanLMError as e:
+        sys.exit(f"error: {e}")
+    exempt = ltd.cfg.exempt_layers(cfg.n_layers)
+    drop_layers = [i for i in range(cfg.n_layers) if i not in exempt]
+    if not drop_layers or ltd.kept(0) >= n:
+        why = f"every layer of {args.preset} is exempt" if not drop_layers else f"r = {ltd.kept(0)} keeps all {n}"
+        sys.exit(f"error: random-LTD would drop nothing here ({why})")
     dense = Transformer(cfg).init_weights(seed=0).to(dev, getattr(torch, args.dtype))
     model = copy.deepcopy(dense)
-    r_fixed = args.r or n // 2
-    ltd_cfg = LTDConfig(r_min=args.r_min if args.schedule else r_fixed, q=args.q if args.schedule else 1)
-    plan = LayerTokenPlan(n=n, n_layers=cfg.n_layers, samples=args.batch, ltd=ltd_cfg, schedule_steps=args.dense_steps)
-    if not args.schedule:
-        plan.ltd.schedule = "constant"
-        plan.schedule_steps = 10**9
-    ltd = RandomLTD(model, plan).attach()
+    install(model, [ltd])  # random-LTD becomes the model's token router
     step_dense, step_ltd = TrainStep(dense, args.batch, n), TrainStep(model, args.batch, n)
-    flops_dense = dense.flops_per_token(n, training=True)
+    flops_dense = dense.flops("train", n)
     info = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": platform.processor() or platform.machine(),
@@ -85,11 +98,12 @@ def main() -> None:
         "preset": args.preset,
         "seq_len": n,
         "batch": args.batch,
-        "drop_layers": plan.drop_layers,
+        "drop_layers": drop_layers,
     }
 
     if not args.schedule:
-        ltd.set_step(0)
+        ltd.set_step(model, 0)
+        r = ltd.kept(0)
         for _ in range(args.warmup):
             step_dense(), step_ltd()
         ratios, t_dense, t_ltd = [], [], []
@@ -98,10 +112,10 @@ def main() -> None:
             for run, times in order if i % 2 == 0 else order[::-1]:
                 times.append(run()[1])
             ratios.append(t_dense[-1] / t_ltd[-1])
-        flop_ratio = ltd.flops_per_token() / flops_dense
+        flop_ratio = model.flops("train", n) / flops_dense
         res = {
             **info,
-            "r": ltd.r,
+            "r": r,
             "dense_step_s": statistics.median(t_dense),
             "ltd_step_s": statistics.median(t_ltd),
             "speedup_median": statistics.median(ratios),
@@ -111,7 +125,7 @@ def main() -> None:
             "theoretical_speedup": 1 / flop_ratio,
             "realised_fraction_of_saving": (1 - 1 / statistics.median(ratios)) / (1 - flop_ratio),
         }
-        print(f"r = {ltd.r} of n = {n}, layers {plan.drop_layers} dropping, batch {args.batch}, {args.repeats} repeats")
+        print(f"r = {r} of n = {n}, layers {drop_layers} dropping, batch {args.batch}, {args.repeats} repeats")
         print(f"dense step {res['dense_step_s']:.3f} s, random-LTD step {res['ltd_step_s']:.3f} s (medians)")
         print(f"speed-up {res['speedup_median']:.3f} [{res['speedup_min']:.3f}, {res['speedup_max']:.3f}]")
         print(
@@ -120,17 +134,18 @@ def main() -> None:
         )
     else:
         budget = args.dense_steps * args.batch * n  # layer-averaged tokens of the dense run
-        ltd_steps = plan.steps_for_budget(budget)
+        layer_tokens = LayerTokens(model, n, args.batch)
+        ltd_steps = layer_tokens.steps_for(budget)
         for _ in range(args.warmup):
-            ltd.set_step(0)
+            ltd.set_step(model, 0)
             step_dense(), step_ltd()
         t_dense, t_ltd, f_ltd = 0.0, 0.0, 0.0
         for t in range(max(args.dense_steps, ltd_steps)):
             if t < args.dense_steps:
                 t_dense += step_dense()[1]
             if t < ltd_steps:
-                ltd.set_step(t)
-                f_ltd += ltd.flops_per_token()
+                ltd.set_step(model, t)
+                f_ltd += model.flops("train", n)
                 t_ltd += step_ltd()[1]
         f_dense = flops_dense * args.dense_steps
         res = {
@@ -140,8 +155,8 @@ def main() -> None:
             "schedule_steps": args.dense_steps,
             "dense_steps": args.dense_steps,
             "ltd_steps": ltd_steps,
-            "layer_tokens_dense": plan.n_layers * budget,
-            "layer_tokens_ltd": plan.total_layer_tokens(ltd_steps),
+            "layer_tokens_dense": LayerTokens(dense, n, args.batch).total(args.dense_steps),
+            "layer_tokens_ltd": layer_tokens.total(ltd_steps),
             "dense_s": t_dense,
             "ltd_s": t_ltd,
             "flops_dense": f_dense * args.batch * n,

@@ -2,37 +2,48 @@
 
     python benchmarks/lte_ffn_bench.py --preset smollm2-135m --sparsity 0.0,0.25,0.5,0.75 --repeats 7 [--expert-size 8]
 
-One token (batch-1 decode) through every layer's FFN, with the weights in the decode layout `generate` uses on a CPU
-(`model.decode_layout`, column-major). The routers are random, with per-expert offsets set so that each expert is
-off for the given fraction of the tokens (so the selection varies per token, as a trained router's does). Variants,
-measured alternately in one process (order reversed every repeat), every LTE one routing with its router:
+One token (batch-1 decode) through every layer's FFN of a model built from the preset (random weights), with the
+weights in the decode layout `generate` uses on a CPU (`leanlm.kernels.decode_layout`, column-major). The routers are
+random, with per-expert offsets set so that each expert is off for the given fraction of the tokens (so the
+selection varies per token, as a trained router's does). The tokens are random hidden states at unit RMS, so the
+block's RMSNorm (weight 1) leaves them as they are and every variant routes them alike. Variants, measured
+alternately in one process (order reversed every repeat), every LTE one routing with its router:
 
-- PyTorch, FFN only: dense = the baseline MLP; torch = LTEMLP's PyTorch decode (two embedding_bags); index = the
-  same selection through index_select copies of row-major weights (the "vanilla PyTorch indexed matmul" of the
-  paper's Fig. 8);
-- C++ kernels (`--kernel cpp`), the whole FFN half of a block, RMSNorm and residual included, as `generate` runs it:
-  dense-cpp = `mlp_decode`; cpp = `lte_decode`.
+- PyTorch, FFN only (each block's `mlp`): dense = the baseline MLP; torch = LTE's FFN (LTEMLP) in its decode layout
+  (two embedding_bags); index = the same selection through index_select copies of row-major weights (the "vanilla
+  PyTorch indexed matmul" of the paper's Fig. 8; `LTEMLP.infer` outside the decode layout);
+- C++ kernels (`--kernels torch,cpp`, the default), the whole FFN half of a block, RMSNorm and residual included, as
+  `generate --kernel cpp` runs it (`MLP.decode_step` inside `decode_layout(model, "cpp")`): dense-cpp = the dense
+  model's fused `mlp_decode`; cpp = LTE's fused `lte_decode`. `--kernels torch` leaves them out (no C++ build).
 
 Reports median ms per token for all layers and the speed-ups dense / torch, dense / index and dense-cpp / cpp per
-repeat (median [min, max]): each sparse path against the dense path of its own kind.
+repeat (median [min, max]): each sparse path against the dense path of its own kind. `--json` adds one JSON object
+on the last stdout line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
-from leanlm.config import LTEConfig, preset
+from leanlm.config import preset
 from leanlm.errors import LeanLMError
-from leanlm.kernels import cpp_kernels
-from leanlm.lte import LTEMLP
-from leanlm.model import MLP, decode_layout
+from leanlm.kernels import cpp_kernels, decode_layout
+from leanlm.measure import reports, reset_stats, summarize
+from leanlm.methods import build_model
+from leanlm.methods.lte import LTEConfig
+from leanlm.model import Transformer
 
-KINDS = ("torch", "cpp", "index")  # index: row-major weights
+LTE_KINDS = ("torch", "cpp", "index")  # index: row-major weights
 
 
 def main() -> None:
@@ -43,89 +54,94 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=50, help="decode steps per measurement")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--expert-size", type=int, default=32, help="model.lte.expert_size")
+    ap.add_argument("--kernels", default="torch,cpp", help="torch,cpp (default) or torch: leave out the C++ variants")
+    ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    kernels = args.kernels.split(",")
+    if "torch" not in kernels or not set(kernels) <= {"torch", "cpp"}:
+        sys.exit(f"error: --kernels must be torch,cpp or torch (got {args.kernels!r})")
+    cpp = "cpp" in kernels
+    try:
+        sparsities = [float(v) for v in args.sparsity.split(",")]
+    except ValueError:
+        sys.exit(f"error: --sparsity must be comma-separated fractions (got {args.sparsity!r})")
+    if not all(0 <= s < 1 for s in sparsities) or args.repeats < 1 or args.tokens < 1:
+        sys.exit("error: --sparsity values must lie in [0, 1); --repeats and --tokens must be at least 1")
     try:
         cfg = preset(args.preset)
-        lte_cfg = LTEConfig(expert_size=args.expert_size)
-        lte_cfg.check(cfg.ffn_dim)
+        lte_cfg = cfg.replace(methods={"lte": LTEConfig(expert_size=args.expert_size)})  # checks the expert size
+        if cpp:
+            cpp_kernels()  # build (or load) the C++ kernels first: a failure is one error
     except LeanLMError as e:
         sys.exit(f"error: {e}")
     L, C = cfg.n_layers, cfg.dim
-    torch.manual_seed(0)
-    dense = torch.nn.ModuleList(MLP(C, cfg.ffn_dim) for _ in range(L)).eval()
-    lte = {k: torch.nn.ModuleList(LTEMLP(C, cfg.ffn_dim, lte_cfg) for _ in range(L)).eval() for k in KINDS}
-    for m in [*dense, *lte["torch"]]:
-        for p in m.parameters():
-            p.data.normal_(0, 0.02)
-    for k in ("cpp", "index"):  # the same weights and routers in every LTE variant
-        lte[k].load_state_dict(lte["torch"].state_dict())
-    xs = torch.randn(args.tokens, 1, 1, C)
-    n = lte["torch"][0].n
+    dense = Transformer(cfg).init_weights(seed=0).eval()
+    first = build_model(lte_cfg).init_weights(seed=0).eval()
+    # copies: every LTE variant gets the same weights and routers
+    lte = {k: first if k == "torch" else copy.deepcopy(first) for k in LTE_KINDS if cpp or k != "cpp"}
+    xs = torch.randn(args.tokens, 1, 1, C, generator=torch.Generator().manual_seed(0))
+    xs = F.rms_norm(xs, (C,))  # unit RMS: the blocks' RMSNorm (weight 1, eps aside) is the identity on them
+    mlps = {k: [b.mlp for b in m.layers] for k, m in lte.items()}
+    n = mlps["torch"][0].n
 
-    def run_dense() -> None:
-        for x in xs:
-            for m in dense:
-                m(x)
+    def ffns(mods: list) -> Callable[[], None]:
+        def run() -> None:
+            for x in xs:
+                for m in mods:
+                    m(x)
 
-    def run_lte(mods) -> None:
-        for x in xs:
-            for m in mods:
-                m(x)
+        return run
 
-    def run_index(mods) -> None:
+    def run_index() -> None:
         for x in xs:
-            for m in mods:
+            for m in mlps["index"]:
                 m.infer(x, m.logits(x) > 0)
 
-    norm_w = torch.ones(C)  # the block's RMSNorm, fused into both C++ variants
+    def halves(model: Transformer) -> Callable[[], None]:
+        """x -> x + FFN(norm(x)) of every block, as the fused decode step runs it."""
+        ops = cpp_kernels()
+        steps = [b.mlp.decode_step(b.post_attention_layernorm, ops) for b in model.layers]
 
-    def run_dense_cpp(args) -> None:
-        for x in xs:
-            for a in args:
-                cpp_kernels().mlp_decode(x, norm_w, cfg.norm_eps, *a)
+        def run() -> None:
+            for x in xs:
+                for step in steps:
+                    step(x)
 
-    def run_lte_cpp(mods) -> None:
-        for x in xs:
-            for m in mods:
-                m._decode_fused(x, norm_w, cfg.norm_eps)
+        return run
 
     print(
         f"{args.preset}: {L} layers, C={C}, F={cfg.ffn_dim}, {n} experts of {args.expert_size}; "
         f"threads {torch.get_num_threads()}"
     )
-    print(
-        "| sparsity | measured | dense ms/token | torch ms/token | index ms/token | dense-cpp ms/token | cpp ms/token "
-        "| dense/torch | dense/index | dense-cpp/cpp |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    with (
-        torch.inference_mode(),
-        decode_layout(dense),
-        decode_layout(lte["torch"]),
-        decode_layout(lte["cpp"], kernel="cpp"),
-    ):
-        dense_args = [(m.gate_up_proj.weight.t(), m.down_proj.weight.t()) for m in dense]  # (C, 2F), (F, C)
-        for s in [float(v) for v in args.sparsity.split(",")]:
+    cols = ["dense", "torch", "index", *(["dense-cpp", "cpp"] if cpp else [])]
+    pairs = [("dense", "torch"), ("dense", "index"), *([("dense-cpp", "cpp")] if cpp else [])]
+    head = " | ".join(f"{c} ms/token" for c in cols) + " | " + " | ".join(f"{a}/{b}" for a, b in pairs)
+    print(f"| sparsity | measured | {head} |")
+    print("|---" * (2 + len(cols) + len(pairs)) + "|")
+    rows = []
+    with torch.inference_mode(), contextlib.ExitStack() as stack:
+        # the dense model's FFNs are plain PyTorch in either layout; with "cpp" its decode steps are fused
+        stack.enter_context(decode_layout(dense, "cpp" if cpp else "torch"))
+        stack.enter_context(decode_layout(lte["torch"], "torch"))
+        if cpp:
+            stack.enter_context(decode_layout(lte["cpp"], "cpp"))
+        fns = {"dense": ffns([b.mlp for b in dense.layers]), "torch": ffns(mlps["torch"]), "index": run_index}
+        if cpp:
+            fns |= {"dense-cpp": halves(dense), "cpp": halves(lte["cpp"])}
+        for s in sparsities:
             for i in range(L):  # offsets: expert e is off for a fraction s of the tokens
-                logits = xs.view(-1, C) @ lte["torch"][i].router.weight.t()  # (tokens, n)
+                router = mlps["torch"][i].router
+                logits = xs.view(-1, C) @ router.weight.t()  # (tokens, n)
                 off = -torch.quantile(logits, s, dim=0) if s > 0 else torch.full((n,), 1e3)
-                for k in lte:
-                    lte[k][i].router_offset.copy_(off)
-            for mods in lte.values():
-                for m in mods:
-                    m.reset_stats()
-            fns = {
-                "dense": run_dense,
-                "torch": lambda: run_lte(lte["torch"]),
-                "index": lambda: run_index(lte["index"]),
-                "dense-cpp": lambda: run_dense_cpp(dense_args),
-                "cpp": lambda: run_lte_cpp(lte["cpp"]),
-            }
+                for mods in mlps.values():
+                    mods[i].router_offset.copy_(off)
+            for m in lte.values():
+                reset_stats(m)
             for f in fns.values():
                 f()
-            measured = sum(m.sparsity() for m in lte["cpp"]) / L
+            measured = reports(lte["cpp" if cpp else "torch"])["lte"]["ffn_sparsity"]
             t = {k: [] for k in fns}
             for r in range(args.repeats):
                 for k in list(fns) if r % 2 == 0 else list(fns)[::-1]:
@@ -133,17 +149,16 @@ def main() -> None:
                     fns[k]()
                     t[k].append((time.perf_counter() - t0) * 1e3 / args.tokens)
 
-            def ratio(base: str, k: str, t: dict = t) -> str:
-                rs = [a / b for a, b in zip(t[base], t[k])]
-                return f"{statistics.median(rs):.2f}× [{min(rs):.2f}, {max(rs):.2f}]"
-
+            speedups = {f"{a}/{b}": summarize([x / y for x, y in zip(t[a], t[b])]) for a, b in pairs}
             med = {k: statistics.median(v) for k, v in t.items()}
-            print(
-                f"| {s:.2f} | {measured:.3f} | {med['dense']:.2f} | {med['torch']:.2f} | {med['index']:.2f} "
-                f"| {med['dense-cpp']:.2f} | {med['cpp']:.2f} | {ratio('dense', 'torch')} | {ratio('dense', 'index')} "
-                f"| {ratio('dense-cpp', 'cpp')} |",
-                flush=True,
-            )
+            rows.append({"sparsity": s, "measured": measured, "ms_per_token": med, "speedup": speedups})
+            cells = [f"{med[c]:.2f}" for c in cols] + [
+                f"{v['median']:.2f}× [{v['min']:.2f}, {v['max']:.2f}]" for v in speedups.values()
+            ]
+            print(f"| {s:.2f} | {measured:.3f} | {' | '.join(cells)} |", flush=True)
+    if args.json:
+        info = {"preset": args.preset, "layers": L, "experts": n, "expert_size": args.expert_size}
+        print(json.dumps({"ok": True, **info, "threads": torch.get_num_threads(), "tokens": args.tokens, "rows": rows}))
 
 
 if __name__ == "__main__":

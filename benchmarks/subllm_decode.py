@@ -11,56 +11,25 @@ prompts are taken at `--prompts` evenly spaced offsets of the split rather than 
         --data out/baseline-stdlib/data --prompt-len 4096 --steps 256 --prompts 4 --repeats 5 --json
 
 Any two leanlm models of one vocabulary work (e.g. an LTE model vs its dense fine-tune: the FLOP ratio then uses the
-FFN sparsity its routers chose); `--kernel cpp` runs both with the fused C++ decode kernels.
+FFN sparsity its routers chose); `--kernel cpp` runs both with the fused C++ decode kernels. The methods measure
+through their protocol: `reset_stats` before each repeat, then each method's `report` (printed by its summary line;
+SUBLLM's retention of the prompts and of the steps also as `retention_prompts` and `retention`) and the executed
+FLOPs per step, `model.flops("decode", prompt_len + steps / 2)`, at what the last repeat measured.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import sys
 
 import torch
 
-from leanlm.bench import _flops, _summary, steps_in_turn
 from leanlm.checkpoint import load_model
 from leanlm.data import TokenDataset
-from leanlm.model import decode_layout
-
-
-@torch.inference_mode()
-def run(
-    models: dict, prompts: list[torch.Tensor], prompt_len: int, steps: int, kernel: str = "torch"
-) -> tuple[dict, dict]:
-    """Per prompt (1, prompt_len + steps): every model prefills `prompt_len` tokens (untimed), then the models take
-    the `steps` cached one-token forwards in turn (leanlm.bench.steps_in_turn). Returns the seconds each model spent
-    decoding, summed over the prompts, and for each SUBLLM the (kept, seen) counts per stage of the prefills and of
-    the decoded steps."""
-    counts = {k: m.retention_counts for k, m in models.items() if hasattr(m, "retention_counts")}
-    kept = {k: [torch.zeros_like(c), torch.zeros_like(c)] for k, c in counts.items()}  # prefilled, decoded
-    elapsed = dict.fromkeys(models, 0.0)
-    with contextlib.ExitStack() as stack:
-        for m in models.values():
-            stack.enter_context(decode_layout(m, kernel))
-        for tokens in prompts:
-            try:
-                before = {k: c.clone() for k, c in counts.items()}
-                for m in models.values():
-                    m.setup_caches(1, prompt_len + steps)
-                    m(tokens[:, :prompt_len], last_only=True)
-                for k, c in counts.items():
-                    kept[k][0] += c - before[k]
-                    before[k] = c.clone()
-                for k, t in steps_in_turn(models, tokens[:, : prompt_len + steps], prompt_len).items():
-                    elapsed[k] += t
-                for k, c in counts.items():
-                    kept[k][1] += c - before[k]
-            finally:
-                for m in models.values():
-                    m.reset_caches()
-    return elapsed, kept
+from leanlm.errors import LeanLMError
+from leanlm.measure import decode_text_in_turn, reports, reset_stats, summarize
 
 
 def main() -> None:
@@ -75,51 +44,56 @@ def main() -> None:
     ap.add_argument("--kernel", choices=("torch", "cpp"), default="torch", help="decode kernel of both models")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    models = {"A": load_model(args.model)[0].eval(), "B": load_model(args.dense)[0].eval()}
-    val = TokenDataset(args.data, "val").tokens
-    need = args.prompt_len + args.steps
     if args.prompts < 1:
         sys.exit(f"error: --prompts must be at least 1 (got {args.prompts})")
+    try:
+        models = {"A": load_model(args.model)[0].eval(), "B": load_model(args.dense)[0].eval()}
+        val = TokenDataset(args.data, "val").tokens
+    except LeanLMError as e:
+        sys.exit(f"error: {e}")
+    need = args.prompt_len + args.steps
     if len(val) < args.prompts * need:
         sys.exit(f"error: {args.prompts} prompts of {need} tokens need more than the {len(val)} validation tokens")
     gap = (len(val) - need) // max(args.prompts - 1, 1)
     windows = [val[i * gap : i * gap + need] for i in range(args.prompts)]
     prompts = [torch.from_numpy(w.astype("int64")).unsqueeze(0) for w in windows]
-    run(models, [p[:, : args.prompt_len + 16] for p in prompts[:1]], args.prompt_len, 16, args.kernel)  # warm-up
-    seconds: list[dict] = []  # per repeat: each model's decoding time summed over the prompts
-    for _ in range(args.repeats):
-        elapsed, kept_r = run(models, prompts, args.prompt_len, args.steps, args.kernel)
-        seconds.append(elapsed)
-    counts = kept_r.get("A")  # the same every repeat: selection is deterministic
+    try:
+        decode_text_in_turn(
+            models, [p[:, : args.prompt_len + 16] for p in prompts[:1]], args.prompt_len, 16, args.kernel
+        )
+        seconds: list[dict] = []  # per repeat: each model's decoding time summed over the prompts
+        for _ in range(args.repeats):
+            for m in models.values():
+                reset_stats(m)  # what the methods did: the last repeat's (selection is deterministic)
+            seconds.append(decode_text_in_turn(models, prompts, args.prompt_len, args.steps, args.kernel))
+    except LeanLMError as e:
+        sys.exit(f"error: {e}")
     tps = {k: [args.prompts * args.steps / s[k] for s in seconds] for k in models}
-    names = ("decode_cached", "decode")  # retention of the prompts (what the caches hold) and of the decoded steps
-    kept = {} if counts is None else {k: (c[:, 0] / c[:, 1]).tolist() for k, c in zip(names, counts)}
-    retention = kept.get("decode")
-    flops = {
-        "A": _flops(models["A"], ["decode"], 0, args.prompt_len, args.steps, kept)["decode"],
-        "B": _flops(models["B"], ["decode"], 0, args.prompt_len, args.steps)["decode"],
-    }
+    sub = next((m for m in models["A"].methods if m.name == "subllm"), None)
+    retention = sub.retention("decode") if sub is not None else None  # of the decoded steps
+    retention_prompts = sub.retention("prefill") if sub is not None else None  # of the prompts: what caches hold
+    # executed FLOPs of one step at the mean context, as the methods measured this run (SUBLLM: the decode steps'
+    # retention, the prompts' for the cached keys; LTE: the experts its routers chose in the decode steps)
+    context = args.prompt_len + args.steps / 2
+    flops = {k: m.flops("decode", context) for k, m in models.items()}
     ratios = [s["B"] / s["A"] for s in seconds]  # per repeat; both arms decoded every prompt step by step in turn
     res = {
         "A": {
             "ref": args.model,
             "median_tokens_per_s": statistics.median(tps["A"]),
             "retention": retention,
-            "retention_prompts": kept.get("decode_cached"),
+            "retention_prompts": retention_prompts,
+            "methods": reports(models["A"]),
         },
-        "B": {"ref": args.dense, "median_tokens_per_s": statistics.median(tps["B"])},
-        "ratio": _summary(ratios),
+        "B": {"ref": args.dense, "median_tokens_per_s": statistics.median(tps["B"]), "methods": reports(models["B"])},
+        "ratio": summarize(ratios),
         "flop_ratio": flops["B"] / flops["A"],
         "prompts": args.prompts,
         "kernel": args.kernel,
     }
     res["ratio_over_flop_ratio"] = res["ratio"]["median"] / res["flop_ratio"]
-    ret = "" if retention is None else f", retention {', '.join(f'{x:.3f}' for x in retention)}"
-    if retention is not None:
-        ret += f" (prompts {', '.join(f'{x:.3f}' for x in kept['decode_cached'])})"
-    if hasattr(models["A"], "lte_report"):  # LTE: the FFN sparsity its routers chose (prompts and steps)
-        res["A"]["lte_ffn_sparsity"] = models["A"].lte_report()["ffn_sparsity"]
-        ret += f", LTE FFN sparsity {res['A']['lte_ffn_sparsity']:.3f}"
+    summaries = [f"{k}: {r['summary']}" for k in models for r in res[k]["methods"].values()]
+    ret = "".join(f"\n  {line}" for line in summaries)
     print(
         f"cached decode of real text, {args.prompts} prompts of {args.prompt_len}, {args.steps} steps each, "
         f"{args.repeats} repeats, kernel {args.kernel}: A {res['A']['median_tokens_per_s']:.1f} tok/s, "

@@ -7,34 +7,48 @@ two runs' loss curves as a PNG.
     leanlm train --config configs/subllm-stdlib.yaml --set model.subllm.structure=TTTTTTTTTTTTTTTTTTTTTTTT \\
         --out out/subllm-stdlib-dense
     python benchmarks/subllm_quality.py out/subllm-stdlib out/subllm-stdlib-dense --png docs/subllm_quality.png
+
+Each argument is a `leanlm train` output directory (its config.yaml names the data and the window shape, final/ is
+scored). The thresholds are set through the SUBLLM method object (`model.methods`): `set_config(threshold=0)`, then
+`calibrate_thresholds(sub, batches)` on training windows; the retention is the method's `retention("prefill")`
+since `reset_stats`.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 
 from leanlm.checkpoint import load_model, save_checkpoint
 from leanlm.data import TokenDataset, spread_batches, val_batches
-from leanlm.subllm import calibrate_thresholds
+from leanlm.errors import LeanLMError
+from leanlm.measure import reset_stats
+from leanlm.methods.subllm import calibrate_thresholds
+from leanlm.training import load_config
 
 
 @torch.no_grad()
 def loss_and_retention(model, data: TokenDataset, batch: int, seq_len: int, n: int) -> tuple[float, list[float]]:
-    model.reset_retention() if hasattr(model, "reset_retention") else None
+    """Mean validation loss of `n` batches and, for a SUBLLM, the fraction each stage kept of them."""
+    reset_stats(model)
     total = count = 0.0
     for x, y in val_batches(data, batch, seq_len, n):
         logits = model(x)
         total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
         count += y.numel()
-    return total / count, (model.retention() if hasattr(model, "retention") else [])
+    sub = subllm(model)
+    return total / count, ((sub.retention("prefill") or []) if sub is not None else [])
+
+
+def subllm(model):
+    """The model's SUBLLM method object, or None."""
+    return next((m for m in model.methods if m.name == "subllm"), None)
 
 
 def curve(run: Path) -> tuple[list, list]:
@@ -55,30 +69,35 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     sub_run, dense_run = Path(args.subllm_run), Path(args.dense_run)
-    cfg = yaml.safe_load((sub_run / "config.yaml").read_text())
-    data_dir = Path(cfg["data"]["dir"] or sub_run / "data")
-    batch, seq_len = cfg["run"]["batch_size"], cfg["run"]["seq_len"]
-    train_data, val_data = TokenDataset(data_dir, "train"), TokenDataset(data_dir, "val")
-
-    dense, _ = load_model(str(dense_run / "final"))
-    sub, tokenizer = load_model(str(sub_run / "final"))
-    dense.eval(), sub.eval()
+    try:
+        cfg = load_config(sub_run / "config.yaml")  # the run's resolved config, as training wrote it
+        data_dir = Path(cfg.data.dir or sub_run / "data")
+        batch, seq_len = cfg.run.batch_size, cfg.run.seq_len
+        train_data, val_data = TokenDataset(data_dir, "train"), TokenDataset(data_dir, "val")
+        dense, _ = load_model(str(dense_run / "final"))
+        model, tokenizer = load_model(str(sub_run / "final"))
+    except LeanLMError as e:
+        sys.exit(f"error: {e}")
+    sub = subllm(model)
+    if sub is None or not sub.parent:
+        sys.exit(f"error: {sub_run / 'final'} is not a SUBLLM with stages")
+    dense.eval(), model.eval()
     res = {"dense": {"val_loss": loss_and_retention(dense, val_data, batch, seq_len, args.batches)[0]}}
     rows = {}
-    sub.sub = dataclasses.replace(sub.sub, threshold=0.0)
-    rows["threshold v=0"] = loss_and_retention(sub, val_data, batch, seq_len, args.batches)
+    sub.set_config(model, threshold=0.0)
+    rows["threshold v=0"] = loss_and_retention(model, val_data, batch, seq_len, args.batches)
     calib = spread_batches(train_data, batch, seq_len, args.batches)  # training windows, as the trainer does
     v = calibrate_thresholds(sub, calib)
-    rows["threshold calibrated"] = loss_and_retention(sub, val_data, batch, seq_len, args.batches)
+    rows["threshold calibrated"] = loss_and_retention(model, val_data, batch, seq_len, args.batches)
     if args.save:
-        save_checkpoint(sub, tokenizer, args.save)
-    sub.reset_retention()  # the first windows are a few documents: retention over windows spread over the split too
+        save_checkpoint(model, tokenizer, args.save)
+    reset_stats(model)  # the first windows are a few documents: retention over windows spread over the split too
     with torch.no_grad():
         for x in spread_batches(val_data, batch, seq_len, args.batches):
-            sub(x)
-    res["retention_calibrated_val_spread"] = sub.retention()
+            model(x)
+    res["retention_calibrated_val_spread"] = sub.retention("prefill")
     sub.selection = "topk"
-    rows["top-k (training rule)"] = loss_and_retention(sub, val_data, batch, seq_len, args.batches)
+    rows["top-k (training rule)"] = loss_and_retention(model, val_data, batch, seq_len, args.batches)
     for name, (loss, kept) in rows.items():
         res[name] = {"val_loss": loss, "vs_dense": loss / res["dense"]["val_loss"]}
         if name.startswith("threshold"):

@@ -1,123 +1,38 @@
 """leanlm checkpoints and the one function that turns any model reference into a model.
 
 A checkpoint is a directory: `model.safetensors` + `config.json` ({"leanlm": version, "arch": ..., "model": {...}})
-+ `tokenizer.json`/`tokenizer_config.json`. Directories are written atomically: into a temporary sibling, fsynced,
-then renamed into place, so a crash never leaves a half-written checkpoint under the final name.
++ `tokenizer.json`/`tokenizer_config.json`, written atomically (leanlm.io.atomic_dir).
 
 `load_model(ref)` accepts a preset name, a leanlm checkpoint, a HF directory or a .gguf file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Sequence
 from pathlib import Path
 
-from torch import Tensor
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
-from leanlm.config import METHODS, PRESETS, PRETRAINED_PRESETS, ModelConfig, merge_preset, preset
+from leanlm import hf
+from leanlm.config import PRESETS, PRETRAINED_PRESETS, apply_overrides, merge_preset, model_config, model_keys, preset
+from leanlm.data import TokenDataset, calibration_windows, load_tokenizer_ref, text_file
 from leanlm.errors import LeanLMError
+from leanlm.evaluate import tokenize_files
+from leanlm.io import atomic_dir, read_json
+from leanlm.methods import add_methods, build_model, names
 from leanlm.model import Transformer, torch_dtype
 from leanlm.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_dir(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory next to `final`; on success fsync its files and rename it to `final`.
-
-    An existing `final` is replaced only after the new directory is complete (it is moved aside, then deleted).
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the result ordinary permissions
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                os.chmod(f, 0o666 & ~umask)
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        old = None
-        if final.exists():
-            old = final.parent / f".{final.name}.old-{os.getpid()}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def build_model(cfg: ModelConfig) -> Transformer:
-    """A fresh (uninitialised) model for `cfg`: the dense baseline, or the efficiency methods its config names.
-
-    The one place methods plug in; call `.init_weights(seed)` on the result, or load weights into it.
-    """
-    if cfg.subllm is not None:
-        from leanlm.subllm import SubLLM
-
-        model = SubLLM(cfg)
-    else:
-        model = Transformer(cfg)
-    if cfg.lte is not None:  # composes with any model whose `layers` are baseline Blocks
-        from leanlm.lte import apply_lte
-
-        model = apply_lte(model, cfg)
-    return model
-
-
-def add_methods(model: Transformer, cfg: ModelConfig, seed: int = 0, calibration: Tensor | None = None) -> Transformer:
-    """Turn a trained model into the architecture `cfg` describes: same backbone weights, the method's new modules
-    initialised as the method initialises them (e.g. a pretrained LLaMA uptrained into a SUBLLM with `run.init`).
-
-    calibration: token rows (S, T) of training text, for what groups by activations (LTE's grouping=activations)."""
-    if model.cfg.backbone() != cfg.backbone():
-        raise LeanLMError(f"cannot convert into {cfg.arch}: the model's backbone differs from the configured one")
-    for m in METHODS:
-        if getattr(model.cfg, m, None) is not None and getattr(model.cfg, m) != getattr(cfg, m, None):
-            if m == "lte" and cfg.lte is not None:  # LTE stage 1 -> 2: checked by lte_state_dict
-                continue
-            raise LeanLMError(f"the model already has {m}={getattr(model.cfg, m)!r}; cannot change or remove it")
-    state = model.state_dict()
-    if cfg.lte is not None:
-        from leanlm.lte import init_routers, lte_state_dict
-
-        state = lte_state_dict(model, cfg, seed, calibration)  # dense: grouping + permutation; LTE: the stage change
-    new = build_model(cfg).init_weights(seed)
-    missing, unexpected = new.load_state_dict(state, strict=False)
-    if cfg.lte is not None and model.cfg.lte is None:  # new routers (may be initialised from the grouped weights)
-        init_routers(new, seed)
-    if unexpected:
-        raise LeanLMError(f"cannot convert {model.cfg.arch} into {cfg.arch}: unexpected weight {unexpected[0]!r}")
-    return new.to(next(model.parameters()).dtype)
+CALIBRATION_LEN = 512  # tokens per calibration window
 
 
 def save_checkpoint(
     model: Transformer, tokenizer: Tokenizer | None, out: str | Path, extra: dict | None = None
 ) -> Path:
     """Write weights + config (+ tokenizer) atomically to directory `out`."""
-    from safetensors.torch import save_file
-
     with atomic_dir(out) as tmp:
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         if model.cfg.tie_embeddings:
@@ -138,31 +53,19 @@ def is_checkpoint(path: Path) -> bool:
 
 
 def read_config(path: Path) -> dict:
-    f = path / "config.json"
-    if not f.is_file():
-        raise LeanLMError(f"{path}: not a checkpoint (no config.json)")
-    try:
-        meta = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LeanLMError(f"{f}: corrupt config ({e})") from None
-    if not isinstance(meta, dict) or "model" not in meta:
-        raise LeanLMError(f"{f}: not a leanlm config (no 'model' section)")
-    lte = meta["model"].get("lte")
-    if isinstance(lte, dict):  # written before the decode kernel became a run-time choice (--kernel): drop it
-        lte.pop("decode_kernel", None)
+    meta = read_json(path / "config.json", "config", f"{path}: not a checkpoint (no config.json)")
+    if "model" not in meta:
+        raise LeanLMError(f"{path / 'config.json'}: not a leanlm config (no 'model' section)")
     return meta
 
 
 def model_overrides(sets: list[str] | tuple[str, ...]) -> dict:
     """`--set model.KEY=VALUE` items (values parsed as YAML) as a nested dict of ModelConfig fields, e.g.
     ["model.subllm.threshold=0.1"] -> {"subllm": {"threshold": 0.1}}."""
-    from leanlm.train import apply_overrides
-
-    raw = apply_overrides({}, list(sets))
-    other = sorted(set(raw) - {"model"})
+    other = [s.partition(".")[0] for s in sets if not s.startswith("model.")]
     if other:
         raise LeanLMError(f"--set {other[0]}.*: only model.* keys apply when loading a model")
-    return raw.get("model", {})
+    return apply_overrides({}, list(sets), {"model": model_keys()}).get("model", {})
 
 
 def _check_overrides(model_cfg: dict, overrides: dict, where: str) -> None:
@@ -175,16 +78,11 @@ def _check_overrides(model_cfg: dict, overrides: dict, where: str) -> None:
 def load_checkpoint(
     path: str | Path, dtype: str | None = None, expect_arch: str | None = None, overrides: dict | None = None
 ) -> tuple[Transformer, Tokenizer | None]:
-    """Load a leanlm checkpoint directory, as whatever architecture it holds (see `build_model`).
+    """Load a leanlm checkpoint directory, as whatever architecture it holds (leanlm.methods.build_model).
 
     `expect_arch` (e.g. "llama") refuses any other architecture, e.g. a SUBLLM where a dense model is required.
-    `overrides`: ModelConfig fields changed at load (`model_overrides`), e.g. an inference threshold or kernel.
+    `overrides`: model config keys changed at load (`model_overrides`), e.g. SUBLLM's inference threshold.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from leanlm.hf import build_with_state
-
     path = Path(path)
     meta = read_config(path)
     arch = meta.get("arch", "llama")
@@ -192,7 +90,7 @@ def load_checkpoint(
         raise LeanLMError(f"{path}: a {arch!r} checkpoint cannot be loaded as {expect_arch!r}")
     overrides = overrides or {}
     _check_overrides(meta["model"], overrides, str(path))
-    cfg = ModelConfig.from_dict(merge_preset(meta["model"], overrides), where=f"{path}/config.json: model")
+    cfg = model_config(merge_preset(meta["model"], overrides), where=f"{path}/config.json: model")
     if cfg.arch != arch:
         raise LeanLMError(f"{path}/config.json: says arch {arch!r} but its model section describes {cfg.arch!r}")
     wfile = path / "model.safetensors"
@@ -202,7 +100,7 @@ def load_checkpoint(
         state = load_file(str(wfile))
     except (SafetensorError, OSError) as e:
         raise LeanLMError(f"{wfile}: corrupt weights ({e})") from None
-    model = build_with_state(cfg, state, where=str(path), dtype=dtype)
+    model = hf.build_with_state(cfg, state, where=str(path), dtype=dtype)
     tok = Tokenizer.load(path) if (path / "tokenizer.json").is_file() else None
     if tok is not None:
         check_tokenizer_fits(tok, cfg.vocab_size, where=f"{path}: ")
@@ -223,8 +121,6 @@ def load_model(
     Presets without published weights give a randomly initialised model (seeded) and no tokenizer. `overrides`
     (`model_overrides`) change ModelConfig fields of a preset or leanlm checkpoint at load.
     """
-    from leanlm import hf
-
     path = Path(ref)
     if overrides and (ref in PRETRAINED_PRESETS or path.is_file() or hf.is_hf_dir(path)) and not is_checkpoint(path):
         raise LeanLMError(f"--set applies to presets and leanlm checkpoints, not to {ref} (convert it first)")
@@ -246,3 +142,76 @@ def load_model(
     if hf.is_hf_dir(path):
         return hf.load_hf_dir(path, dtype=dtype)
     raise LeanLMError(f"{ref}: not a checkpoint directory (no leanlm or Hugging Face config.json)")
+
+
+def convert(
+    src: str,
+    out: str | Path,
+    *,
+    to: str = "leanlm",
+    dtype: str | None = None,
+    methods: Sequence[str] = (),
+    sets: Sequence[str] = (),
+    calibrate: str | None = None,
+    calibrate_tokens: int = 32768,
+    tokenizer: str | None = None,
+    seed: int = 0,
+    force: bool = False,
+) -> dict:
+    """`leanlm convert`: load `src`, add `methods` (their config keys set by `sets`, `model.NAME.KEY=VALUE`), let
+    the methods convert and calibrate on `calibrate_tokens` tokens of the text `calibrate` (a file, a shipped text's
+    name, or a prepared data directory: its training split), and save to `out` as a
+    leanlm checkpoint or (`to="hf"`, the dense baseline only) a HF directory. `sets` on sections the model already
+    has change them at load (as `--set` does elsewhere)."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise LeanLMError(f"{out}: exists and is not empty (pass --force to replace it)")
+    for name in methods:
+        if name not in names("model"):
+            raise LeanLMError(f"--method {name}: not a method of the model (known: {', '.join(names('model'))})")
+    if calibrate_tokens < 64:
+        raise LeanLMError(f"--calibrate-tokens must be at least 64 (got {calibrate_tokens})")
+    overrides = model_overrides(sets)
+    added = {k: v for k, v in overrides.items() if k in methods}
+    at_load = {k: v for k, v in overrides.items() if k not in methods}
+    model, tok = load_model(src, dtype=dtype, seed=seed, overrides=at_load or None)
+    out_dtype = model.cfg.dtype
+    model = model.float()  # conversion and calibration compute in float32
+    for name in methods:
+        if name in model.cfg.methods:
+            raise LeanLMError(f"--method {name}: {src} already has it")
+    target = model_config({**model.cfg.to_dict(), **{name: added.get(name, {}) for name in methods}})
+    rows = None
+    if calibrate is not None and Path(calibrate).is_dir():  # a prepared data directory: its training split
+        data = TokenDataset(calibrate, "train")
+        data.check_vocab(target.vocab_size)
+        ids = data.tokens
+    elif calibrate is not None:
+        tok = load_tokenizer_ref(tokenizer) if tokenizer else tok
+        if tok is None:
+            raise LeanLMError(f"--calibrate: {src} comes without a tokenizer: pass --tokenizer PATH")
+        ids = tokenize_files(tok, [text_file(calibrate)])[0]
+    if calibrate is not None:
+        seq = min(CALIBRATION_LEN, target.max_seq_len)
+        rows = calibration_windows(ids, max(1, calibrate_tokens // seq), seq, seed=seed)  # (S, T)
+    if target != model.cfg:
+        model = add_methods(model, target, seed=seed, calibration=rows)
+    calibrated: dict = {}
+    if rows is not None:
+        for m in model.methods:
+            calibrated.update(m.calibrate(model, list(rows.split(4))))
+    model = model.to(torch_dtype(out_dtype)).eval()
+    model.cfg = model.cfg.replace(dtype=out_dtype)
+    if to == "hf":
+        hf.export_hf(model, tok, out)
+    else:
+        save_checkpoint(model, tok, out)
+    return {
+        "src": src,
+        "out": str(out),
+        "format": to,
+        "arch": model.cfg.arch,
+        "params": model.num_params(),
+        "calibrated": calibrated,
+        "config": model.cfg.to_dict(),
+    }

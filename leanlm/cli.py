@@ -8,10 +8,13 @@ stderr and exit with status 2 (with `--json`, also a JSON object {"ok": false, "
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from leanlm.errors import LeanLMError
 
@@ -33,13 +36,10 @@ def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
         default=None,
         help="compute dtype of the weights (default: the checkpoint's, float32 for GGUF and presets)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="model.KEY=VALUE",
-        help="change a model setting at load (preset or leanlm checkpoint; with bench, --model only), e.g. "
+    _set_arg(
+        p,
+        "model.KEY=VALUE",
+        "change a model setting at load (preset or leanlm checkpoint; with bench, --model only), e.g. "
         "model.subllm.threshold=0.1; repeatable",
     )
 
@@ -58,14 +58,28 @@ def _json_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last stdout line")
 
 
-def _tokenizer_for(args, tok):
-    if getattr(args, "tokenizer", None):
+def _flags(fn: Callable, args: argparse.Namespace, **given: Any) -> dict:
+    """Keyword arguments for library function `fn`: the verb's flags named like its parameters, then `given`."""
+    names = inspect.signature(fn).parameters
+    return {**{k: v for k, v in vars(args).items() if k in names}, **given}
+
+
+def _tokenizer_for(args, tok, ref: str):
+    if args.tokenizer:
         from leanlm.data import load_tokenizer_ref
 
         return load_tokenizer_ref(args.tokenizer)
     if tok is None:
-        raise LeanLMError(f"model {args.model!r} comes without a tokenizer: pass --tokenizer PATH")
+        raise LeanLMError(f"model {ref!r} comes without a tokenizer: pass --tokenizer PATH")
     return tok
+
+
+def _tokenizer_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokenizer", help="tokenizer to use instead of the model's (tokenizer.json, directory, .gguf)")
+
+
+def _set_arg(p: argparse.ArgumentParser, metavar: str, help: str) -> None:
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar=metavar, help=help)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -84,27 +98,15 @@ def cmd_generate(args) -> dict:
             raise LeanLMError(f"{args.prompt_file}: cannot read prompts ({e.__class__.__name__})") from None
     if not prompts:
         raise LeanLMError("no prompt: pass --prompt TEXT (repeatable) or --prompt-file FILE")
-    model, tok = load_model(args.model, dtype=args.dtype, overrides=model_overrides(args.overrides))
-    tok = _tokenizer_for(args, tok)
+    model, tok = load_model(args.model, dtype=args.dtype, overrides=model_overrides(args.sets))
+    tok = _tokenizer_for(args, tok, args.model)
     check_tokenizer_fits(tok, model.cfg.vocab_size)
     texts = [tok.apply_chat_template([{"role": "user", "content": p}]) if args.chat else p for p in prompts]
     ids = [tok.encode(t) for t in texts]
     stop = [] if args.ignore_eos else tok.stop_ids()
     # a single prompt streams its continuation to the terminal as it is generated
     streamer = TextStreamer(tok) if len(ids) == 1 and not args.json else None
-    res = generate(
-        model,
-        ids,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        stop_ids=stop,
-        seed=args.seed,
-        on_token=streamer,
-        kernel=args.kernel,
-    )
+    res = generate(**_flags(generate, args, model=model, prompts=ids, stop_ids=stop, on_token=streamer))
     if streamer:
         streamer.end()
     outputs = [tok.decode(t) for t in res.tokens]
@@ -133,38 +135,25 @@ def cmd_generate(args) -> dict:
 
 def cmd_eval(args) -> dict:
     from leanlm.checkpoint import check_tokenizer_fits, load_model, model_overrides
+    from leanlm.data import text_file
     from leanlm.evaluate import evaluate
+    from leanlm.measure import reports
 
-    for d in args.data:  # fail on a bad path before spending seconds loading the model
-        if not Path(d).is_file():
-            raise LeanLMError(f"{d}: no such file")
-    model, tok = load_model(args.model, dtype=args.dtype, overrides=model_overrides(args.overrides))
-    tok = _tokenizer_for(args, tok)
+    files = [text_file(d) for d in args.data]  # fail on a bad path before spending seconds loading the model
+    model, tok = load_model(args.model, dtype=args.dtype, overrides=model_overrides(args.sets))
+    tok = _tokenizer_for(args, tok, args.model)
     check_tokenizer_fits(tok, model.cfg.vocab_size)
-    res = evaluate(
-        model,
-        tok,
-        args.data,
-        seq_len=args.seq_len,
-        stride=args.stride,
-        max_windows=args.max_windows,
-        batch_size=args.batch_size,
-        progress=not args.json,
-    )
-    res = {"model": args.model, "data": args.data, **res}
-    if hasattr(model, "lte_report"):  # LTE: the FFN sparsity its routers chose on this text
-        res["lte"] = model.lte_report()
+    res = evaluate(**_flags(evaluate, args, model=model, tokenizer=tok, paths=files, progress=not args.json))
+    # what the methods did on this text, e.g. LTE's FFN sparsity, SUBLLM's retention
+    res = {"model": args.model, "data": args.data, **res, "methods": reports(model)}
     if not args.json:
         print(f"protocol: {res['protocol']}")
         print(
             f"perplexity {res['perplexity']:.4f} | bits/byte {res['bits_per_byte']:.4f} | "
             f"{res['n_tokens_scored']} tokens in {res['n_windows']} windows"
         )
-        if "lte" in res:
-            print(
-                f"LTE FFN sparsity {res['lte']['ffn_sparsity']:.4f} | FFN cost incl. routers "
-                f"{res['lte']['ffn_cost']:.4f}"
-            )
+        for report in res["methods"].values():
+            print(report["summary"])
     return res
 
 
@@ -173,22 +162,8 @@ def cmd_bench(args) -> dict:
     from leanlm.checkpoint import model_overrides
 
     what = [w.strip() for w in args.what.split(",") if w.strip()]  # checked by run_bench before loading
-    res = run_bench(
-        args.model,
-        vs=args.vs,
-        what=what,
-        seq_len=args.seq_len,
-        batch=args.batch_size,
-        prompt_len=args.prompt_len,
-        new_tokens=args.new_tokens,
-        repeats=args.repeats,
-        warmup=args.warmup,
-        dtype=args.dtype or "float32",
-        threads=args.threads,
-        text=args.text,
-        overrides=model_overrides(args.overrides),
-        kernel=args.kernel,
-    )
+    given = {"what": what, "dtype": args.dtype or "float32", "overrides": model_overrides(args.sets)}
+    res = run_bench(**_flags(run_bench, args, **given))
     if not args.json:
         print(format_table(res))
     return res
@@ -197,15 +172,7 @@ def cmd_bench(args) -> dict:
 def cmd_prepare(args) -> dict:
     from leanlm.data import prepare
 
-    res = prepare(
-        args.inputs,
-        args.out,
-        tokenizer=args.tokenizer,
-        vocab_size=args.vocab_size,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        progress=not args.json,
-    )
+    res = prepare(**_flags(prepare, args, progress=not args.json))
     if not args.json:
         what = "reused" if res.get("reused") else "wrote"
         print(
@@ -225,45 +192,42 @@ def cmd_demo(args) -> dict:
 
 
 def cmd_convert(args) -> dict:
-    from leanlm.checkpoint import load_model, save_checkpoint
-    from leanlm.hf import export_hf
+    from leanlm.checkpoint import convert
 
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.force:
-        raise LeanLMError(f"{out}: exists and is not empty (pass --force to replace it)")
-    model, tok = load_model(args.src, dtype=args.dtype)
-    if args.to == "hf":
-        export_hf(model, tok, out)
-    else:
-        save_checkpoint(model, tok, out)
+    res = convert(**_flags(convert, args))
     if not args.json:
-        print(f"wrote {args.to} checkpoint {out} ({model.num_params() / 1e6:.1f}M parameters)")
-    return {
-        "src": args.src,
-        "out": str(out),
-        "format": args.to,
-        "params": model.num_params(),
-        "config": model.cfg.to_dict(),
-    }
+        for k, v in res["calibrated"].items():
+            print(f"calibrated {k} = {v}")
+        print(f"wrote {args.to} checkpoint {res['out']} ({res['arch']}, {res['params'] / 1e6:.1f}M parameters)")
+    return res
+
+
+def cmd_train(args) -> dict:
+    from leanlm.config import apply_overrides, read_yaml
+    from leanlm.training import config_from_dict, section_keys, train
+
+    raw = apply_overrides(read_yaml(args.config), list(args.sets), section_keys())
+    # the shortcuts bypass YAML parsing: a directory named `123` or `true` stays a path
+    shortcuts = {"init": args.init, "out": args.out, "resume": True if args.resume else None}
+    run = raw["run"] = dict(raw.get("run") or {})
+    run.update({k: v for k, v in shortcuts.items() if v is not None})
+    result = train(config_from_dict(raw))
+    if not args.json and int(os.environ.get("RANK", "0")) == 0:
+        val = f"{result['val_loss']:.4f}" if result["val_loss"] is not None else "-"
+        loss = f"{result['loss']:.4f}" if result["loss"] is not None else "-"
+        tps = f"{result['tokens_per_s']:,.0f}" if result["tokens_per_s"] else "-"
+        print(
+            f"{result['steps']} steps, {result['tokens']:,} tokens: loss {loss}, val_loss {val}, {tps} tok/s; "
+            f"model in {result['checkpoint']}"
+        )
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="leanlm",
-        description="Train, convert, evaluate, benchmark and serve LLaMA-family models that do less work per token.",
-    )
-    sub = ap.add_subparsers(dest="verb", metavar="VERB", required=True)
-
-    p = sub.add_parser(
-        "generate",
-        help="generate text from prompts (KV cache, streaming)",
-        description="Generate text with a static KV cache: one prefill, then one token per step. "
-        "A single prompt is streamed to the terminal.",
-    )
+def _generate_flags(p: argparse.ArgumentParser) -> None:
     _model_args(p)
     p.add_argument("--prompt", "-p", action="append", help="prompt text; repeat for a batch of prompts")
     p.add_argument("--prompt-file", help="file with one prompt per non-empty line (added to --prompt)")
@@ -284,20 +248,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence tokens")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
-    p.add_argument("--tokenizer", help="tokenizer to use instead of the model's (tokenizer.json, directory, .gguf)")
-    _json_arg(p)
+    _tokenizer_arg(p)
     _kernel_arg(p)
-    p.set_defaults(fn=cmd_generate)
 
-    p = sub.add_parser(
-        "eval",
-        help="perplexity and bits-per-byte on text files",
-        description="Perplexity and bits-per-byte of a model on text files. The whole text is "
-        "tokenized once; scored in non-overlapping windows of --seq-len tokens, or in "
-        "sliding windows advancing by --stride. The protocol is printed with the result.",
-    )
+
+def _eval_flags(p: argparse.ArgumentParser) -> None:
     _model_args(p)
-    p.add_argument("--data", "-d", nargs="+", required=True, help="UTF-8 text file(s), concatenated in order")
+    p.add_argument(
+        "--data",
+        "-d",
+        nargs="+",
+        required=True,
+        help="UTF-8 text file(s), concatenated in order, or the name of a text shipped with leanlm: wikitext-2 "
+        "(the test split), wikitext-2-valid",
+    )
     p.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
     p.add_argument(
         "--stride",
@@ -308,19 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
-    p.add_argument("--tokenizer", help="tokenizer to use instead of the model's (tokenizer.json, directory, .gguf)")
-    _json_arg(p)
-    p.set_defaults(fn=cmd_eval)
+    _tokenizer_arg(p)
 
-    p = sub.add_parser(
-        "bench",
-        help="training-step, prefill and decode speed and memory, A vs B in one run",
-        description="Benchmark a model or config: training step (forward+backward+AdamW) tokens/s and "
-        "peak memory, prefill tokens/s, decode tokens/s and peak memory. With --vs, a "
-        "second model runs alternately in the same process and every metric is reported "
-        "as a ratio with median and spread; --vs hf compares against transformers' "
-        "LlamaForCausalLM / generate on the same weights.",
-    )
+
+def _bench_flags(p: argparse.ArgumentParser) -> None:
     _model_args(p)
     p.add_argument("--vs", default=None, metavar="REF|hf", help="second model/config to compare, or 'hf'")
     p.add_argument("--what", default="train,prefill,decode", help="comma list of train,prefill,decode (default all)")
@@ -339,17 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
         "instead of random ids (matters for methods that choose per token what to skip, e.g. SUBLLM)",
     )
     _kernel_arg(p)
-    _json_arg(p)
-    p.set_defaults(fn=cmd_bench)
 
-    p = sub.add_parser(
-        "prepare",
-        help="tokenize text into memory-mapped train/val token files",
-        description="Tokenize text files, directories, globs or the word 'stdlib' (the Python standard "
-        "library sources of this interpreter, tests excluded) into train.bin/val.bin "
-        "(uint16/uint32), split by document, with an end-of-document token between "
-        "documents and a manifest.json. Re-running with the same inputs reuses the result.",
-    )
+
+def _prepare_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", help="files, directories, globs, or 'stdlib'")
     p.add_argument("--out", "-o", required=True, help="output directory")
     p.add_argument(
@@ -361,39 +308,132 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the trained BPE (default 8192)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="fraction of documents for validation (0.05)")
     p.add_argument("--seed", type=int, default=0, help="seed of the document split (default 0)")
-    _json_arg(p)
-    p.set_defaults(fn=cmd_prepare)
 
-    p = sub.add_parser(
-        "demo",
-        help="the main job: prepare the stdlib corpus, train, evaluate, benchmark, report",
-        description="Prepare the Python standard library corpus, train the dense baseline and every "
-        "efficiency method in leanlm at a small size on the same tokens, evaluate and "
-        "benchmark them, and write OUT/report.md with PNG plots.",
-    )
+
+def _demo_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo", help="output directory (default ./demo)")
     p.add_argument("--quick", action="store_true", help="a tiny model and few steps (about a minute)")
-    _json_arg(p)
-    p.set_defaults(fn=cmd_demo)
 
-    from leanlm.train import add_train_parser
 
-    add_train_parser(sub)
-
-    p = sub.add_parser(
-        "convert",
-        help="HF dir / GGUF -> leanlm checkpoint, or leanlm baseline -> HF dir",
-        description="Convert between formats. --to leanlm (default) writes model.safetensors + "
-        "config.json + tokenizer.json; --to hf writes a LlamaForCausalLM directory that "
-        "transformers' from_pretrained and AutoTokenizer load.",
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", required=True, metavar="FILE", help="the YAML training config")
+    _set_arg(
+        p,
+        "KEY=VALUE",
+        "override one config key, value parsed as YAML, e.g. --set run.steps=100 --set optim.lr=1e-3 (repeatable)",
     )
+    p.add_argument(
+        "--init",
+        metavar="REF",
+        help="fine-tune from this model: preset, checkpoint dir, HF dir or .gguf "
+        "(sets run.init; the data is tokenized with its tokenizer)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest complete checkpoint in the output directory (sets run.resume)",
+    )
+    p.add_argument("--out", metavar="DIR", help="output directory (sets run.out)")
+
+
+def _convert_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="what to convert: preset, leanlm checkpoint, HF directory or .gguf file")
     p.add_argument("out", help="output directory (written atomically)")
     p.add_argument("--to", choices=("leanlm", "hf"), default="leanlm", help="output format (default leanlm)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="store the weights in this dtype")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
-    _json_arg(p)
-    p.set_defaults(fn=cmd_convert)
+    p.add_argument(
+        "--method", dest="methods", action="append", default=[], metavar="NAME", help="add a method (repeatable)"
+    )
+    _set_arg(p, "model.KEY=VALUE", "set a model config key, e.g. model.lte.router_init=fitted (repeatable)")
+    p.add_argument(
+        "--calibrate",
+        metavar="TEXT",
+        help="text to convert and calibrate on: a file, a shipped text's name (e.g. wikitext-2-valid) or a prepared "
+        "data directory (its training split)",
+    )
+    p.add_argument("--calibrate-tokens", type=int, default=32768, help="tokens of --calibrate to use (default 32768)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the new modules' initialisation (default 0)")
+    _tokenizer_arg(p)
+
+
+# verb -> (function, its flags, one-line help, description); every verb also takes --json
+VERBS: dict[str, tuple[Callable, Callable, str, str]] = {
+    "generate": (
+        cmd_generate,
+        _generate_flags,
+        "generate text from prompts (KV cache, streaming)",
+        "Generate text with a static KV cache: one prefill, then one token per step. "
+        "A single prompt is streamed to the terminal.",
+    ),
+    "eval": (
+        cmd_eval,
+        _eval_flags,
+        "perplexity and bits-per-byte on text files",
+        "Perplexity and bits-per-byte of a model on text files. The whole text is "
+        "tokenized once; scored in non-overlapping windows of --seq-len tokens, or in "
+        "sliding windows advancing by --stride. The protocol is printed with the result.",
+    ),
+    "bench": (
+        cmd_bench,
+        _bench_flags,
+        "training-step, prefill and decode speed and memory, A vs B in one run",
+        "Benchmark a model or config: training step (forward+backward+AdamW) tokens/s and "
+        "peak memory, prefill tokens/s, decode tokens/s and peak memory. With --vs, a "
+        "second model runs alternately in the same process and every metric is reported "
+        "as a ratio with median and spread; --vs hf compares against transformers' "
+        "LlamaForCausalLM / generate on the same weights.",
+    ),
+    "prepare": (
+        cmd_prepare,
+        _prepare_flags,
+        "tokenize text into memory-mapped train/val token files",
+        "Tokenize text files, directories, globs or the word 'stdlib' (the Python standard "
+        "library sources of this interpreter, tests excluded) into train.bin/val.bin "
+        "(uint16/uint32), split by document, with an end-of-document token between "
+        "documents and a manifest.json. Re-running with the same inputs reuses the result.",
+    ),
+    "demo": (
+        cmd_demo,
+        _demo_flags,
+        "the main job: prepare the stdlib corpus, train, evaluate, benchmark, report",
+        "Prepare the Python standard library corpus, train the dense baseline and every "
+        "efficiency method in leanlm at a small size on the same tokens, evaluate and "
+        "benchmark them, and write OUT/report.md with PNG plots.",
+    ),
+    "train": (
+        cmd_train,
+        _train_flags,
+        "train or fine-tune a model from a YAML config (one process, or several under torchrun)",
+        "Train a model as a YAML config says (sections model, data, optim, run, and optional distill and "
+        "training methods such as ltd; leanlm/training/config.py). Writes step checkpoints, final/, metrics.csv, "
+        "config.yaml and loss.png to run.out. Under `torchrun --nproc_per_node N -m leanlm train ...` the global "
+        "batch is split over N processes (run.strategy: ddp or fsdp).",
+    ),
+    "convert": (
+        cmd_convert,
+        _convert_flags,
+        "HF dir / GGUF -> leanlm checkpoint (optionally adding a method), or leanlm baseline -> HF dir",
+        "Convert between formats and architectures. --to leanlm (default) writes model.safetensors + "
+        "config.json + tokenizer.json; --to hf writes a LlamaForCausalLM directory that transformers' "
+        "from_pretrained and AutoTokenizer load. --method adds an efficiency method to a trained model (e.g. lte: "
+        "its FFNs grouped into experts with routers), configured with --set; --calibrate gives it text to "
+        "convert and calibrate on (LTE's grouping by activations and fitted routers, SUBLLM's thresholds).",
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="leanlm",
+        description="Train, convert, evaluate and benchmark LLaMA-family models that do less work per token.",
+    )
+    sub = ap.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for name, (fn, flags, help_, description) in VERBS.items():
+        p = sub.add_parser(name, help=help_, description=description)
+        flags(p)
+        _json_arg(p)
+        p.set_defaults(fn=fn)
     return ap
 
 

@@ -27,14 +27,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
 from torch import Tensor
+from tqdm import tqdm
 
+from leanlm.config import PRESETS, PRETRAINED_PRESETS
 from leanlm.errors import LeanLMError
+from leanlm.hf import gguf_tokenizer, smollm2_gguf
+from leanlm.io import atomic_dir, read_json
 from leanlm.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
 EOT = "<|endoftext|>"  # the end-of-document token of trained tokenizers
 STDLIB = "stdlib"  # the input word for the running interpreter's standard-library sources
+# texts shipped inside the package, by name (leanlm/texts/*/README.md: where they come from, their licence)
+TEXTS_DIR = Path(__file__).with_name("texts")
+NAMED_TEXTS = {
+    "wikitext-2": TEXTS_DIR / "wikitext-2" / "test.txt",  # the test split: the usual perplexity text
+    "wikitext-2-valid": TEXTS_DIR / "wikitext-2" / "valid.txt",
+}
 # stdlib directories that hold tests or third-party code rather than the library itself
 STDLIB_EXCLUDE = frozenset({"test", "tests", "idle_test", "site-packages"})
 GLOB_CHARS = "*?["
@@ -82,6 +94,8 @@ def _glob_base(pattern: str) -> Path:
 
 def _expand(spec: str) -> tuple[list[tuple[Path, str]], Path]:
     """(file, key) pairs of one input and the root its keys are relative to."""
+    if spec in NAMED_TEXTS:
+        return [(NAMED_TEXTS[spec], NAMED_TEXTS[spec].name)], NAMED_TEXTS[spec].parent
     if spec == STDLIB:
         root = Path(sysconfig.get_paths()["stdlib"])
         return [(root / k, k) for k in _walk(root, suffix=".py", exclude=STDLIB_EXCLUDE)], root
@@ -135,8 +149,6 @@ def _read(path: Path) -> str | None:
 
 def _resolve_tokenizer(ref: str) -> tuple[str, list[Path]]:
     """("gguf" | "json", the files the tokenizer is read from): enough to fingerprint it without loading it."""
-    from leanlm.config import PRESETS, PRETRAINED_PRESETS
-
     path = Path(ref)
     if path.is_file():
         return ("gguf", [path]) if path.suffix.lower() == ".gguf" else ("json", [path])
@@ -145,8 +157,6 @@ def _resolve_tokenizer(ref: str) -> tuple[str, list[Path]]:
             raise LeanLMError(f"{ref}: no tokenizer.json in this directory")
         return "json", [path / f for f in ("tokenizer.json", "tokenizer_config.json") if (path / f).is_file()]
     if ref in PRETRAINED_PRESETS:
-        from leanlm.hf import smollm2_gguf
-
         return "gguf", [smollm2_gguf()]
     if ref in PRESETS:
         raise LeanLMError(
@@ -165,8 +175,6 @@ def load_tokenizer_ref(ref: str | Path) -> Tokenizer:
     kind, files = _resolve_tokenizer(str(ref))
     if kind == "json":
         return Tokenizer.load(files[0])
-    from leanlm.hf import gguf_tokenizer
-
     try:
         return gguf_tokenizer(files[0])
     except LeanLMError:
@@ -179,9 +187,6 @@ def train_tokenizer(
     texts: Iterator[str], vocab_size: int, n_texts: int | None = None, progress: bool = False
 ) -> Tokenizer:
     """A byte-level BPE (GPT-2 style) with `<|endoftext|>` as its only special token, used as bos and eos."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
     check_vocab_size(vocab_size)
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -303,10 +308,6 @@ def prepare(
     `tokenizer`: None trains a byte-level BPE of `vocab_size` on the training documents; otherwise a reference for
     `load_tokenizer_ref` and `vocab_size` is ignored. `seed` salts the document hash that picks the split.
     """
-    from tqdm import tqdm
-
-    from leanlm.checkpoint import atomic_dir
-
     t0 = time.perf_counter()
     out = Path(out)
     if not inputs:
@@ -433,14 +434,7 @@ MANIFEST_KEYS = ("fingerprint", "dtype", "vocab_size", "eos_id", "train_tokens",
 
 def read_manifest(path: str | Path) -> dict:
     f = Path(path) / "manifest.json"
-    if not f.is_file():
-        raise LeanLMError(f"{path}: not a prepared data directory (no manifest.json; run `leanlm prepare`)")
-    try:
-        m = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LeanLMError(f"{f}: corrupt manifest ({e})") from None
-    if not isinstance(m, dict):
-        raise LeanLMError(f"{f}: corrupt manifest (not a mapping)")
+    m = read_json(f, "manifest", f"{path}: not a prepared data directory (no manifest.json; run `leanlm prepare`)")
     missing = [k for k in MANIFEST_KEYS if k not in m]
     if missing:
         raise LeanLMError(f"{f}: corrupt manifest (no {missing[0]!r})")
@@ -482,6 +476,26 @@ class TokenDataset:
 def _windows(tokens: np.ndarray, starts: Sequence[int], seq_len: int) -> tuple[Tensor, Tensor]:
     buf = torch.from_numpy(np.stack([tokens[i : i + seq_len + 1] for i in starts]).astype(np.int64))
     return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
+
+
+def calibration_windows(tokens: np.ndarray, n: int, seq_len: int, seed: int = 0) -> Tensor:
+    """Up to `n` windows (n, T) of a token array at seeded random, non-overlapping offsets, T = seq_len or shorter
+    for a short text: calibration text for a method (SUBLLM's thresholds, LTE's grouping and routers)."""
+    seq = min(seq_len, (len(tokens) - 1) // 2)
+    if seq < 16:
+        raise LeanLMError(f"{len(tokens)} tokens are too few to calibrate on (at least 33 are needed)")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randperm(len(tokens) // seq - 1, generator=gen)[:n] * seq
+    return _windows(tokens, starts.tolist(), seq)[0]
+
+
+def text_file(ref: str | Path) -> Path:
+    """A text file by path, or by the name of a text shipped with leanlm (NAMED_TEXTS)."""
+    path = NAMED_TEXTS.get(str(ref), Path(ref))
+    if not path.is_file():
+        names = ", ".join(NAMED_TEXTS)
+        raise LeanLMError(f"{ref}: no such file, and not the name of a text shipped with leanlm ({names})")
+    return path
 
 
 def _check_batch_args(dataset: TokenDataset, batch_size: int, seq_len: int) -> None:

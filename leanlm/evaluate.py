@@ -1,9 +1,10 @@
 """Perplexity and bits-per-byte on text files, with a stated, reproducible protocol.
 
     from leanlm.checkpoint import load_model
+    from leanlm.data import text_file
     from leanlm.evaluate import evaluate
     model, tok = load_model("smollm2-135m")
-    r = evaluate(model, tok, ["wikitext-2/test.txt"], seq_len=512, max_windows=40)
+    r = evaluate(model, tok, [text_file("wikitext-2")], seq_len=512, max_windows=40)
     r["perplexity"], r["bits_per_byte"], r["protocol"]
 
 Protocol: each file is read as UTF-8 and tokenized whole, once, without BOS; the token streams of several files are
@@ -16,8 +17,8 @@ concatenated in the order given. Windows of `seq_len` tokens are cut from the st
   seq_len - s tokens of extra left context. The last window is the one that reaches the end of the stream.
 
 Perplexity = exp(mean NLL per scored token). Bits-per-byte = total NLL in bits / UTF-8 bytes of the scored tokens,
-which makes models with different tokenizers comparable. `hf_reference_perplexity` runs the same protocol on a
-transformers model: the parity check that our forward pass computes what Hugging Face's does.
+which makes models with different tokenizers comparable. `evaluate` runs the same protocol on a transformers model:
+the parity check that our forward pass computes what Hugging Face's does.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm import tqdm
 
 from leanlm.errors import LeanLMError
+from leanlm.model import Transformer
 
 
 @dataclass(frozen=True)
@@ -164,8 +167,6 @@ def _score(
     progress: bool,
 ) -> dict:
     """The protocol, for any model given as `logits_of(ids (B, T)) -> logits (B, T, V)`."""
-    from tqdm import tqdm
-
     ids, nbytes = tokenize_files(tokenizer, paths)
     if len(ids) < 2:
         raise LeanLMError(f"{', '.join(map(str, paths))}: fewer than 2 tokens, nothing to predict")
@@ -223,44 +224,22 @@ def evaluate(
     batch_size: int = 1,
     progress: bool = True,
 ) -> dict:
-    """Perplexity of a leanlm model on text files under the protocol of this module's docstring.
+    """Perplexity of a model on text files under the protocol of this module's docstring: a leanlm model, or a
+    transformers causal LM (e.g. LlamaForCausalLM) as the reference; `tokenizer` may be a leanlm Tokenizer or a
+    transformers fast tokenizer.
 
     Returns perplexity, bits_per_byte, nll (mean nats per scored token), n_tokens_scored, n_bytes_scored, n_windows
     and `protocol`, a one-line description of what was measured.
     """
-    _check(seq_len, stride, max_windows, batch_size, model.cfg.max_seq_len)
+    if isinstance(model, Transformer):
+        forward, vocab, context = model, model.cfg.vocab_size, model.cfg.max_seq_len
+    else:
+        cfg = model.config
+
+        def forward(x: Tensor) -> Tensor:
+            return model(input_ids=x, use_cache=False).logits
+
+        vocab, context = cfg.vocab_size, cfg.max_position_embeddings
+    _check(seq_len, stride, max_windows, batch_size, context)
     device = next(model.parameters()).device
-    return _score(
-        model, device, model.cfg.vocab_size, tokenizer, paths, seq_len, stride, max_windows, batch_size, progress
-    )
-
-
-def hf_reference_perplexity(
-    hf_model,
-    tokenizer,
-    paths: Sequence[str | Path],
-    seq_len: int,
-    stride: int | None = None,
-    max_windows: int | None = None,
-    batch_size: int = 1,
-    progress: bool = False,
-) -> dict:
-    """`evaluate`, protocol and all, with a transformers causal LM (e.g. LlamaForCausalLM) as the model.
-
-    `tokenizer` may be a leanlm Tokenizer or a transformers fast tokenizer.
-    """
-    cfg = hf_model.config
-    _check(seq_len, stride, max_windows, batch_size, cfg.max_position_embeddings)
-    device = next(hf_model.parameters()).device
-    return _score(
-        lambda x: hf_model(input_ids=x, use_cache=False).logits,
-        device,
-        cfg.vocab_size,
-        tokenizer,
-        paths,
-        seq_len,
-        stride,
-        max_windows,
-        batch_size,
-        progress,
-    )
+    return _score(forward, device, vocab, tokenizer, paths, seq_len, stride, max_windows, batch_size, progress)

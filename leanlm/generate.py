@@ -27,8 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from leanlm.errors import LeanLMError
-from leanlm.kernels import check_kernel
-from leanlm.model import decode_layout
+from leanlm.kernels import check_kernel, decode_layout
 from leanlm.tokenizer import Tokenizer
 
 

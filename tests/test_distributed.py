@@ -15,7 +15,7 @@ import torch
 import yaml
 from test_train import write_corpus
 
-from leanlm.train import load_config, train
+from leanlm.training import load_config, train
 
 STEPS = 6
 

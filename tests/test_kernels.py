@@ -10,12 +10,15 @@ import pytest
 import torch
 from torch.utils.cpp_extension import is_ninja_available
 
-from leanlm.checkpoint import add_methods, build_model, save_checkpoint
+from leanlm.checkpoint import save_checkpoint
 from leanlm.cli import main
-from leanlm.config import LTEConfig, preset
+from leanlm.config import preset
 from leanlm.errors import LeanLMError
 from leanlm.generate import generate
-from leanlm.model import Transformer, decode_layout
+from leanlm.kernels import decode_layout
+from leanlm.methods import add_methods, build_model
+from leanlm.methods.lte import LTEConfig
+from leanlm.model import Transformer
 
 needs_cxx = pytest.mark.skipif(
     shutil.which("c++") is None or not is_ninja_available(), reason="the C++ kernels need c++ and ninja"
@@ -49,7 +52,7 @@ def test_dense_block_kernels_equal_pytorch(threads, heads):
     assert (ref - got).abs().max() <= 1e-4
     with torch.no_grad():  # and both equal one forward over the whole sequence
         assert (model(x)[:, 579:] - got).abs().max() <= 1e-4
-    assert all(b._fused is None for b in model.layers)  # the kernel's views are dropped with the layout
+    assert all(b.fused is None for b in model.layers) and model.fused is None  # views dropped with the layout
 
 
 @needs_cxx
@@ -60,17 +63,23 @@ def test_subllm_stages_decode_the_same_with_the_kernels():
         for st in model.stages:
             st.scorer.weight.mul_(50.0)  # drop a good share of the tokens at both stages
     x = torch.randint(0, 512, (1, 120))
+    sub = model.methods[0]
     ref = cached_logits(model, x, 64, "torch")
-    model.reset_retention()
+    torch_counts = {kind: c.copy() for kind, c in sub.counts.items()}
+    sub.reset_stats(model)
     got = cached_logits(model, x, 64, "cpp")  # stage caches start small and grow while decoding: prepare() reserves
     assert (ref - got).abs().max() <= 1e-4
-    assert 0.1 < model.retention()[0] < 0.9 and 0.05 < model.retention()[1] < 0.95
+    # both paths keep the same tokens: the prompt's (prefill) and the decoded steps' (the cpp score kernel)
+    assert all((sub.counts[kind] == c).all() for kind, c in torch_counts.items())
+    for kind in ("prefill", "decode"):
+        kept = sub.retention(kind)
+        assert 0.1 < kept[0] < 0.9 and 0.05 < kept[1] < 0.95, (kind, kept)
 
 
 @needs_cxx
 def test_lte_blocks_decode_the_same_with_the_kernels():
     dense = Transformer(preset("tiny", dim=64, ffn_dim=128)).init_weights(seed=0).eval()
-    lte = add_methods(dense, dense.cfg.replace(lte=LTEConfig())).eval()
+    lte = add_methods(dense, dense.cfg.replace(methods={"lte": LTEConfig()})).eval()
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for b in lte.layers:
@@ -78,10 +87,11 @@ def test_lte_blocks_decode_the_same_with_the_kernels():
             b.mlp.router_offset.zero_()
     x = torch.randint(0, 512, (1, 60))
     ref = cached_logits(lte, x, 30, "torch")
-    lte.lte_reset_stats()
+    method = lte.methods[0]
+    method.reset_stats(lte)
     got = cached_logits(lte, x, 30, "cpp")  # the FFN half goes through lte_decode with the norm and residual fused
     assert (ref - got).abs().max() <= 1e-4
-    assert 0 < lte.lte_report()["ffn_sparsity"] < 1
+    assert 0 < method.report(lte)["ffn_sparsity"] < 1
 
 
 @needs_cxx
@@ -120,9 +130,10 @@ def test_kernels_without_a_compiler_are_one_error(monkeypatch, missing):
     else:
         monkeypatch.setattr(leanlm.kernels.shutil, "which", lambda _: "/usr/bin/c++")
         monkeypatch.setattr(torch.utils.cpp_extension, "is_ninja_available", lambda: False)
+        monkeypatch.setattr(leanlm.kernels, "is_ninja_available", lambda: False, raising=False)  # imported by name
     leanlm.kernels.cpp_kernels.cache_clear()
     dense = Transformer(preset("tiny", dim=64, ffn_dim=128)).init_weights(seed=0).eval()
-    model = add_methods(dense, dense.cfg.replace(lte=LTEConfig())).eval()  # LTE: its layout moves weights
+    model = add_methods(dense, dense.cfg.replace(methods={"lte": LTEConfig()})).eval()  # LTE: its layout moves weights
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     try:
         with (
@@ -140,11 +151,12 @@ def test_checkpoints_that_stored_the_lte_kernel_still_load(tmp_path, tiny_tokeni
     from leanlm.checkpoint import load_checkpoint
 
     dense = Transformer(preset("tiny", vocab_size=300, dim=64, ffn_dim=128)).init_weights(seed=0).eval()
-    ck = save_checkpoint(add_methods(dense, dense.cfg.replace(lte=LTEConfig())), tiny_tokenizer, tmp_path / "lte")
+    lte = add_methods(dense, dense.cfg.replace(methods={"lte": LTEConfig()}))
+    ck = save_checkpoint(lte, tiny_tokenizer, tmp_path / "lte")
     meta = json.loads((ck / "config.json").read_text())
     meta["model"]["lte"]["decode_kernel"] = "cpp"  # an older leanlm kept the kernel choice in the config
     (ck / "config.json").write_text(json.dumps(meta))
-    assert load_checkpoint(ck)[0].cfg.lte.expert_size == 32
+    assert load_checkpoint(ck)[0].cfg.methods["lte"].expert_size == 32
 
 
 @pytest.mark.slow
@@ -168,9 +180,9 @@ def test_embedding_and_head_kernels_equal_pytorch(tied):
     ref, got = (cached_logits(model, x, 30, k) for k in ("torch", "cpp"))
     assert (ref - got).abs().max() <= 1e-4
     with torch.no_grad(), decode_layout(model, "cpp"):
-        assert model._head is not None
+        assert model.fused is not None
         idx = torch.tensor([[7]])
         assert torch.equal(model.embed(idx), model.embed_tokens(idx))
         with pytest.raises(RuntimeError, match="outside the vocabulary"):
             model.embed(torch.tensor([[512]]))
-    assert model._head is None and model._embed_w is None and model.lm_head.weight.is_contiguous()
+    assert model.fused is None and model.lm_head.weight.is_contiguous()

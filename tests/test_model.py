@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from leanlm.config import PRESETS, ModelConfig, preset
+from leanlm.config import PRESETS, model_config, preset
 from leanlm.errors import LeanLMError
-from leanlm.model import Transformer, dense_flops_per_token
+from leanlm.model import Transformer
 
 transformers = pytest.importorskip("transformers")
 
@@ -82,10 +82,12 @@ def test_flops_per_token_counts_matmuls_and_attention():
     matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n)
     T = 128
     attn = 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * (T + 1) / 2
-    assert model.flops_per_token(T) == pytest.approx(2 * matmul_params + attn)
-    assert model.flops_per_token(T, training=True) == pytest.approx(3 * (2 * matmul_params + attn))
+    assert model.flops("prefill", T) == pytest.approx(2 * matmul_params + attn)
+    assert model.flops("train", T) == pytest.approx(3 * (2 * matmul_params + attn))
     # decode at context c attends to c keys
-    assert dense_flops_per_token(cfg, context=10) == pytest.approx(2 * matmul_params + 40 * cfg.n_layers * 64)
+    assert model.flops("decode", 10) == pytest.approx(2 * matmul_params + 40 * cfg.n_layers * 64)
+    with pytest.raises(LeanLMError, match="unknown pass 'forward'"):
+        model.flops("forward", T)
 
 
 def test_param_count_ties_embeddings():
@@ -120,13 +122,15 @@ def test_config_validation_names_the_field(bad, needle):
 
 def test_config_from_dict_rejects_unknown_keys_and_wrong_types():
     with pytest.raises(LeanLMError, match="unknown key 'hidden'"):
-        ModelConfig.from_dict({"hidden": 3})
+        model_config({"hidden": 3})
     with pytest.raises(LeanLMError, match=r"model\.dim: expected int"):
-        ModelConfig.from_dict({"dim": "64"})
+        model_config({"dim": "64"})
     with pytest.raises(LeanLMError, match="unknown preset"):
         preset("gpt-5")
-    cfg = ModelConfig.from_dict(preset("tiny").to_dict())
+    cfg = model_config(preset("tiny").to_dict())
     assert cfg == preset("tiny")
+    with_methods = preset("subllm-cpu-24l", lte={"expert_size": 8})
+    assert model_config(with_methods.to_dict()) == with_methods and with_methods.arch == "subllm+lte"
 
 
 def test_bf16_forward_runs_close_to_fp32(tiny_model):
@@ -152,7 +156,7 @@ def test_smollm2_logits_match_transformers_gguf_load(smollm2):
 
 
 def test_decode_layout_keeps_values_ties_and_restores():
-    from leanlm.model import decode_layout
+    from leanlm.kernels import decode_layout
 
     model = Transformer(preset("tiny", tie_embeddings=True)).init_weights(seed=0).eval()
     x = torch.randint(0, 512, (1, 12))

@@ -5,20 +5,22 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from leanlm.checkpoint import add_methods, build_model, load_checkpoint, load_model, save_checkpoint
+from leanlm.checkpoint import load_checkpoint, load_model, save_checkpoint
 from leanlm.cli import main
 from leanlm.config import preset
 from leanlm.errors import LeanLMError
 from leanlm.generate import generate, pad_batch
+from leanlm.methods import add_methods, build_model
+from leanlm.methods.subllm import SubLLM, balance, balancer_bounds, calibrate_thresholds, topk_length
 from leanlm.model import Transformer
-from leanlm.subllm import SubLLM, _Balance, balancer_bounds, calibrate_thresholds, kept_length, parse_structure
 
 
-def subllm(structure: str = "T(T(T)T)T", seed: int = 0, sharpen: float = 50.0, **over) -> SubLLM:
+def subllm(structure: str = "T(T(T)T)T", seed: int = 0, sharpen: float = 50.0, **over) -> Transformer:
     """A tiny SUBLLM whose scorers are scaled up so that the threshold drops a good share of the tokens."""
     cfg = preset("tiny", n_layers=structure.count("T"), subllm={"structure": structure, **over})
     model = build_model(cfg).init_weights(seed)
@@ -28,48 +30,130 @@ def subllm(structure: str = "T(T(T)T)T", seed: int = 0, sharpen: float = 50.0, *
     return model
 
 
+def method(model: Transformer) -> SubLLM:
+    """The model's SUBLLM method object (also its token router)."""
+    sub = model.methods[0]
+    assert isinstance(sub, SubLLM) and model.router is sub
+    return sub
+
+
 def test_structure_parsing_and_lengths():
-    assert parse_structure("T(T(T)T)T") == [
-        ("T", 0), ("(", 0), ("T", 1), ("(", 1), ("T", 2), (")", 1), ("T", 3), (")", 0), ("T", 4)
-    ]  # fmt: skip
+    sub = method(build_model(preset("tiny", n_layers=5, subllm={"structure": "T(T(T)T)T"})))
+    # stage 0 opens before block 1, stage 1 before block 2; stage 1 closes after block 2, stage 0 after block 3
+    assert sub.opens == [[], [0], [1], [], []] and sub.closes == [[], [], [1], [0], []]
+    assert sub.stage_of_layer == [-1, 0, 1, 0, -1] and sub.parent == [-1, 0] and sub.stage_layers == [[1, 3], [2]]
+    # stages opening (closing) at the same place: outermost (innermost) first
+    sub = method(build_model(preset("tiny", n_layers=3, subllm={"structure": "((T)T(T))"})))
+    assert sub.opens == [[0, 1], [], [2]] and sub.closes == [[1], [], [2, 0]]
+    assert sub.stage_of_layer == [1, 0, 2] and sub.parent == [-1, 0, 0] and sub.stage_layers == [[1], [0], [2]]
     # the paper's lengths (icefall's rule, df = 1/0.64): 2048 -> 1311 -> 839, 4096 -> 2621 -> 1677, 8192 -> 5243
-    assert [kept_length(n, 0.64) for n in (2048, 1311, 4096, 2621, 8192)] == [1311, 839, 2621, 1677, 5243]
+    assert [topk_length(n, 0.64) for n in (2048, 1311, 4096, 2621, 8192)] == [1311, 839, 2621, 1677, 5243]
     m = build_model(preset("subllm-cpu-24l"))
-    assert m.depth_of_layer == [0] * 5 + [1] * 5 + [2] * 4 + [1] * 5 + [0] * 5
-    assert m.stage_lengths(4096) == [2621, 1677] and m.parent == [-1, 0]
+    sub = method(m)
+    depth = [0 if st < 0 else 1 + (sub.parent[st] >= 0) for st in sub.stage_of_layer]  # stages enclosing a block
+    assert depth == [0] * 5 + [1] * 5 + [2] * 4 + [1] * 5 + [0] * 5
+    assert sub.stage_of_layer == [-1] * 5 + [0] * 5 + [1] * 4 + [0] * 5 + [-1] * 5
+    assert sub.stage_lengths(4096) == [2621, 1677] and sub.parent == [-1, 0]
 
 
 def test_without_parentheses_is_the_baseline_bit_for_bit():
     cfg = preset("tiny", n_layers=3)
     dense = Transformer(cfg).init_weights(0)
-    sub = build_model(cfg.replace(subllm=preset("tiny", n_layers=3, subllm={"structure": "TTT"}).subllm))
+    section = preset("tiny", n_layers=3, subllm={"structure": "TTT"}).methods["subllm"]
+    sub = build_model(cfg.replace(methods={"subllm": section}))
     sub.init_weights(0)
     x = torch.randint(0, 512, (2, 40))
     for mode in (True, False):
         dense.train(mode), sub.train(mode)
         assert torch.equal(dense(x), sub(x))
-    assert sub.flops_per_token(40, training=True) == dense.flops_per_token(40, training=True)
+    assert sub.flops("train", 40) == dense.flops("train", 40)
     # with stages the backbone is initialised exactly like the dense twin's (same seed)
     staged = subllm("T(T)T", sharpen=1.0)
-    for k, v in Transformer(staged.cfg.replace(subllm=None)).init_weights(0).state_dict().items():
+    for k, v in Transformer(staged.cfg.replace(methods={})).init_weights(0).state_dict().items():
         assert torch.equal(v, staged.state_dict()[k]), k
 
 
 def test_decode_flops_cost_one_step_at_its_context_and_retention():
     """A decode step attends to every cached key; a SUBLLM step enters stage j with the product of the decoded
-    tokens' retention and its layers attend to the context times the product of the caches' retention."""
+    tokens' retention (the decode counters) and its layers attend to the context times the product of the caches'
+    retention (the prefill counters; without them the decode counters)."""
     m = subllm("T(T(T)T)T")
+    sub = method(m)
     cfg, C = m.cfg, m.cfg.dim
-    dense = Transformer(cfg.replace(subllm=None))
-    one = Transformer(cfg.replace(subllm=None, n_layers=1))
+    dense = Transformer(cfg.replace(methods={}))
+    one = Transformer(cfg.replace(methods={}, n_layers=1))
     head = 2 * C * cfg.vocab_size
-    layer = lambda n: one.decode_flops(n) - head  # noqa: E731
-    assert dense.decode_flops(100) == pytest.approx(head + 5 * layer(100))
-    assert dense.decode_flops(100) > dense.flops_per_token(100)  # a causal pass averages 50.5 keys per token
+    layer = lambda n: one.flops("decode", n) - head  # noqa: E731
+    assert dense.flops("decode", 100) == pytest.approx(head + 5 * layer(100))
+    assert dense.flops("decode", 100) > dense.flops("prefill", 100)  # a causal pass averages 50.5 keys per token
     scorers = 2 * C * (1 + 0.5)
     want = head + 2 * layer(100) + 0.5 * 2 * layer(100 * 0.8) + 0.5 * 0.25 * layer(100 * 0.8 * 0.4) + scorers
-    assert m.decode_flops(100, retention=[0.5, 0.25], cached=[0.8, 0.4]) == pytest.approx(want)
-    assert m.decode_flops(100, retention=[1.0, 1.0]) == pytest.approx(dense.decode_flops(100) + 2 * C * 2)
+    sub.counts["decode"] = np.array([[50.0, 100.0], [5.0, 20.0]])  # (kept, seen) per stage: 0.5, 0.25
+    sub.counts["prefill"] = np.array([[80.0, 100.0], [32.0, 80.0]])  # 0.8, 0.4
+    assert sub.retention("decode") == [0.5, 0.25] and sub.retention("prefill") == [0.8, 0.4]
+    assert m.flops("decode", 100) == pytest.approx(want)
+    sub.reset_stats(m)
+    assert sub.retention("decode") is None and sub.retention("prefill") is None
+    sub.counts["decode"] = np.array([[7.0, 7.0], [7.0, 7.0]])  # every decoded token kept, no prefill measured
+    assert m.flops("decode", 100) == pytest.approx(dense.flops("decode", 100) + 2 * C * 2)
+    sub.reset_stats(m)  # nothing measured: `keep` for both
+    k = cfg.methods["subllm"].keep
+    want = head + 2 * layer(100) + k * 2 * layer(100 * k) + k * k * layer(100 * k * k) + 2 * C * (1 + k)
+    assert m.flops("decode", 100) == pytest.approx(want)
+
+
+def test_flops_match_a_hand_count():
+    """Executed FLOPs per token counted by hand: each block costs 2 per weight plus 4*H*D per attended key for every
+    token it runs, a causal pass over n tokens attends to (n+1)/2 keys on average, a scorer costs 2*C per token of
+    its enclosing level, the lm head 2*C*V per token; train = 3x the forward over the top-k lengths, prefill the
+    forward over the lengths the thresholds kept (measured)."""
+    m = subllm("T(T(T)T)T", sharpen=50.0)
+    sub = method(m)
+    C, V, H, K, D, F_ = 64, 512, 4, 2, 16, 160  # the tiny preset
+    assert (m.cfg.dim, m.cfg.vocab_size, m.cfg.n_heads, m.cfg.n_kv_heads, m.cfg.head_dim, m.cfg.ffn_dim) == (
+        C, V, H, K, D, F_
+    )  # fmt: skip
+    weights = C * (H + 2 * K) * D + H * D * C + C * 2 * F_ + F_ * C  # qkv, o, gate_up, down
+    block = m.layers[0]
+    assert weights == sum(p.numel() for n, p in block.named_parameters() if "norm" not in n)
+
+    def per_token(lengths: list[float], T: int) -> float:
+        """lengths: tokens at each block's level; the scorers run on the levels of blocks 0 and 1 (T and stage 0)."""
+        total = sum(n * (2 * weights + 4 * H * D * (n + 1) / 2) for n in lengths)
+        total += 2 * C * (lengths[0] + lengths[1]) + 2 * C * V * T
+        return total / T
+
+    T, df = 64, 1 / 0.64
+    k1 = int((T + df - 1) // df)
+    k2 = int((k1 + df - 1) // df)
+    assert (k1, k2) == (41, 26)
+    ran: list[int] = []
+    hooks = [b.register_forward_hook(lambda mod, args, out: ran.append(out.shape[1])) for b in m.layers]
+    x = torch.randint(0, 512, (1, T), generator=torch.Generator().manual_seed(0))
+    m.train()
+    with torch.no_grad():
+        m(x)
+    assert ran == [T, k1, k2, k1, T]  # what a training forward runs
+    assert m.flops("train", T) == pytest.approx(3 * per_token([T, k1, k2, k1, T], T), rel=1e-12)
+    # prefill: the kept fractions measured in an eval forward; with one row they are the exact kept counts
+    m.eval()
+    ran.clear()
+    sub.reset_stats(m)
+    with torch.no_grad():
+        m(x)
+    for h in hooks:
+        h.remove()
+    n0, n1, n2 = ran[0], ran[1], ran[2]
+    assert n0 == T and 0 < n2 < n1 < T and ran == [T, n1, n2, n1, T]  # the thresholds dropped tokens at both stages
+    assert sub.counts["prefill"].tolist() == [[n1, T], [n2, n1]] and sub.retention("decode") is None
+    assert m.flops("prefill", T) == pytest.approx(per_token([T, n1, n2, n1, T], T), rel=1e-12)
+    # a threshold that keeps everything: every block runs on all T tokens, plus the two scorers
+    sub.set_config(m, threshold=-1e9)
+    sub.reset_stats(m)
+    with torch.no_grad():
+        m(x)
+    assert sub.retention("prefill") == [1.0, 1.0]
+    assert m.flops("prefill", T) == pytest.approx(per_token([T] * 5, T), rel=1e-12)
 
 
 def test_training_selection_upsampling_bypass_and_positions():
@@ -85,7 +169,7 @@ def test_training_selection_upsampling_bypass_and_positions():
         m(x_ids)
         x = m.embed_tokens(x_ids)
         s = m.stages[0].scorer(x).squeeze(-1)
-    k = kept_length(30, 0.64)
+    k = topk_length(30, 0.64)
     top = s.topk(k, dim=1).indices.sort(dim=1).values  # (B, k) kept, original order
     out = seen["out"]
     dropped = torch.ones(2, 30, dtype=torch.bool)
@@ -121,7 +205,7 @@ def test_threshold_selection_is_causal():
             x2[:, j] = (x2[:, j] + 7) % 512
             b = m(x2)
             assert (a[:, :j] - b[:, :j]).abs().max() <= 1e-5
-    kept = m.retention()
+    kept = method(m).retention("prefill")
     assert 0.1 < kept[0] < 0.9 and 0.05 < kept[1] < 0.95  # the test drops tokens at both stages
 
 
@@ -142,12 +226,14 @@ def test_cached_decode_equals_full_forward(lengths):
             mask = batch.key_ok[..., : s + 1] if batch.key_ok is not None else None
             steps.append(m(tok, pos=batch.pos[:, s : s + 1], start=s, mask=mask)[:, -1])
         m.reset_caches()
-        m.reset_retention()
+        sub = method(m)
+        assert sub.retention("decode") is not None and sub.counts["decode"][0, 1] == 11 * B  # one token per row
+        sub.reset_stats(m)
         for r, (p, n) in enumerate(zip(prompts, new)):
             full = m(torch.tensor([p + n]))[0, len(p) - 1 : len(p) + 11]
             got = torch.stack([st[r] for st in steps])
             assert (full - got).abs().max() <= 1e-4
-    assert 0.1 < m.retention()[0] < 0.9
+    assert 0.1 < sub.retention("prefill")[0] < 0.9 and sub.retention("decode") is None
 
 
 def test_stage_caches_start_at_their_share_and_grow_exactly():
@@ -165,7 +251,7 @@ def test_stage_caches_start_at_their_share_and_grow_exactly():
         assert stage1.k.shape[2] == stage2.k.shape[2] == 256  # grown, capped at max_len
         m.reset_caches()
         assert (torch.cat(got, 1) - m(x)).abs().max() <= 1e-4
-    assert m.retention() == [1.0, 1.0]
+    assert method(m).retention("prefill") == method(m).retention("decode") == [1.0, 1.0]
     # rows of different lengths write at per-row slots: growth on that path keeps each row exact too
     prompts = [x[0, :200].tolist(), x[0, 50:200].tolist()]
     batch = pad_batch(prompts, 250)
@@ -205,13 +291,13 @@ def test_balancer_moves_scores_into_its_band():
     """Scores that are all positive (mis-calibrated): with only the balancer's gradient, the positive fraction and
     the RMS move into [keep - band, keep + band] and [1.2533 min_abs, 1.2533 max_abs]."""
     torch.manual_seed(0)
-    sub = preset("tiny", n_layers=1, subllm={"structure": "(T)"}).subllm
+    sub = preset("tiny", n_layers=1, subllm={"structure": "(T)"}).methods["subllm"]
     m_min, m_max, r_min, r_max = balancer_bounds(sub)
     feats = torch.randn(4096, 8) + 3.0  # features with a large mean: a random scorer gives one-signed scores
     w = torch.nn.Parameter(torch.full((8,), 0.05))
     opt = torch.optim.Adam([w], lr=0.01)
     for _ in range(600):
-        s = _Balance.apply(feats @ w, (m_min, m_max, r_min, r_max), sub.balancer_grad_scale)
+        s = balance(feats @ w, (m_min, m_max, r_min, r_max), sub.balancer_grad_scale)
         # a task gradient of unit magnitude everywhere (the balancer scales its push by |g|), zero on average
         (s * (torch.randint(0, 2, s.shape) * 2 - 1).float()).sum().backward()
         opt.step()
@@ -224,13 +310,13 @@ def test_balancer_moves_scores_into_its_band():
 
 def test_training_runs_through_the_trainer_and_feeds_the_step(tmp_path, tiny_tokenizer, monkeypatch):
     from leanlm.data import prepare
-    from leanlm.train import config_from_dict, train
+    from leanlm.training import config_from_dict, train
 
     corpus = tmp_path / "c.txt"
     corpus.write_text(("def f(x):\n    return x + 1\n\n" * 200 + "The fox jumps. " * 300) * 2)
     prepare([str(corpus)], tmp_path / "data", tokenizer=None, vocab_size=300, progress=False)
     steps = []
-    monkeypatch.setattr(SubLLM, "set_step", lambda self, step: (steps.append(step), SubLLM.__dict__)[0])
+    monkeypatch.setattr(SubLLM, "set_step", lambda self, model, step: steps.append(step))
     raw = {
         "model": {"preset": "tiny", "vocab_size": 300, "n_layers": 3,
                   "subllm": {"structure": "T(T)T", "calibrate": True}},
@@ -243,10 +329,12 @@ def test_training_runs_through_the_trainer_and_feeds_the_step(tmp_path, tiny_tok
     header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0]
     assert "s1_pos_frac" in header and "s1_bypass_min" in header
     model, _ = load_model(res["checkpoint"])
-    assert isinstance(model, SubLLM)
+    assert isinstance(method(model), SubLLM) and model.cfg.arch == "subllm"
     assert json.loads((tmp_path / "run/final/config.json").read_text())["arch"] == "subllm"
-    assert isinstance(model.sub.threshold, list) and len(model.sub.threshold) == 1  # calibrated, then saved
-    assert res["flops_per_token"] < Transformer(model.cfg.replace(subllm=None)).flops_per_token(32, training=True)
+    threshold = model.cfg.methods["subllm"].threshold
+    assert isinstance(threshold, list) and len(threshold) == 1  # calibrated, then saved
+    assert method(model).cfg.threshold == threshold
+    assert res["flops_per_token"] < Transformer(model.cfg.replace(methods={})).flops("train", 32)
 
 
 def test_checkpoint_round_trip_and_arch_guards(tmp_path, tiny_tokenizer):
@@ -256,8 +344,9 @@ def test_checkpoint_round_trip_and_arch_guards(tmp_path, tiny_tokenizer):
     x = torch.randint(0, 512, (1, 30))
     with torch.no_grad():
         assert torch.equal(loaded(x), m(x))
-    assert loaded.retention() == m.retention()  # the counters live on the host even for a meta-built model
-    assert isinstance(load_model("subllm-cpu-24l")[0], SubLLM)  # presets build their method too (bench --model)
+    # the counters live on the host even for a meta-built model
+    assert method(loaded).retention("prefill") == method(m).retention("prefill") is not None
+    assert isinstance(method(load_model("subllm-cpu-24l")[0]), SubLLM)  # presets build their method too (bench)
     with pytest.raises(LeanLMError, match="'subllm' checkpoint cannot be loaded as 'llama'"):
         load_checkpoint(ck, expect_arch="llama")
     from leanlm.hf import export_hf
@@ -278,10 +367,14 @@ def test_uptraining_keeps_the_backbone():
     dense = Transformer(preset("tiny", n_layers=5)).init_weights(3)
     cfg = preset("tiny", n_layers=5, subllm={"structure": "T(T(T)T)T"})
     sub = add_methods(dense, cfg, seed=0)
-    assert isinstance(sub, SubLLM)
+    assert isinstance(method(sub), SubLLM) and sub.cfg.arch == "subllm"
     for k, v in dense.state_dict().items():
         assert torch.equal(v, sub.state_dict()[k])
     assert (sub.stages[0].bypass_scale == 0.5).all()
+    # the new stages are initialised as a fresh model's (SubLLM.init_weights with the conversion's seed)
+    fresh = build_model(cfg).init_weights(0)
+    for st, want in zip(sub.stages, fresh.stages):
+        assert torch.equal(st.scorer.weight, want.scorer.weight)
     with pytest.raises(LeanLMError, match="backbone differs"):
         add_methods(dense, preset("tiny", n_layers=5, dim=32, subllm={"structure": "T(T(T)T)T"}))
 
@@ -305,14 +398,17 @@ def test_malformed_structures(structure, message):
 def test_calibrated_thresholds_keep_the_ratio_per_stage():
     m = subllm("T(T(TT)T)T", sharpen=1.0)  # scores mostly in (-1, 1): v = 0 would keep about half
     batches = [torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    v = calibrate_thresholds(m, batches)
-    assert len(v) == 2 and m.cfg.subllm.threshold == v and m.training  # set on the model and its config
+    sub = method(m)
+    v = calibrate_thresholds(sub, batches)
+    # set on the method and the model's config; training mode restored
+    assert len(v) == 2 and m.cfg.methods["subllm"].threshold == v and sub.cfg.threshold == v and m.training
+    assert sub.calibrate(m, batches) == {"subllm.threshold": v} and m.training  # the method's calibration step
     m.eval()
-    m.reset_retention()
+    sub.reset_stats(m)
     with torch.no_grad():
         for x in batches:
             m(x)
-    assert m.retention() == pytest.approx([0.64, 0.64], abs=0.01)
+    assert sub.retention("prefill") == pytest.approx([0.64, 0.64], abs=0.01)
     with pytest.raises(LeanLMError, match="model.subllm.threshold: must be a number or a list of 2 numbers"):
         preset("tiny", n_layers=6, subllm={"structure": "T(T(TT)T)T", "threshold": [0.0]})
 

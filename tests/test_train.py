@@ -13,12 +13,16 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from leanlm import train as train_mod
-from leanlm.config import preset
+from leanlm.cli import build_parser
+from leanlm.config import apply_overrides, preset
 from leanlm.errors import LeanLMError
-from leanlm.model import Transformer
-from leanlm.optim import OptimConfig, build_optimizer, lr_at, param_groups
-from leanlm.train import add_train_parser, config_from_dict, load_config, train
+from leanlm.methods import build_model, install
+from leanlm.methods.base import Method
+from leanlm.model import TokenRouter, Transformer
+from leanlm.training import config_from_dict, load_config, loop, section_keys, train
+from leanlm.training.distill import DistillConfig, distill_loss, load_teacher
+from leanlm.training.optim import OptimConfig, build_optimizer, lr_at, param_groups
+from leanlm.training.state import checkpoint_dirs
 
 WORDS = "the quick brown fox jumps over the lazy dog and runs away from the big red barn".split()
 
@@ -78,6 +82,18 @@ def without_timing(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
 
 
+def building_with(method_factory):
+    """A stand-in for the loop's `build_model`: the model of the config plus a test method (a fresh object per
+    model) that the loop drives through the method protocol like any other."""
+
+    def build(model_cfg):
+        model = build_model(model_cfg)
+        install(model, [method_factory()])
+        return model
+
+    return build
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # schedules and optimizer
 
@@ -123,13 +139,13 @@ def test_config_errors_name_the_key(tmp_path, data_dir):
     with pytest.raises(LeanLMError, match=r"unknown key 'run\.stepz'.*allowed in run: out, steps"):
         config_from_dict({**base, "run": {"stepz": 3}})
     with pytest.raises(LeanLMError, match=r"run\.steps: expected int, got str"):
-        config_from_dict(train_mod.apply_overrides(base, ["run.steps=many"]))
+        config_from_dict(apply_overrides(base, ["run.steps=many"], section_keys()))
     with pytest.raises(LeanLMError, match=r"unknown key 'optim\.learning_rate'.*lr"):
-        train_mod.apply_overrides(base, ["optim.learning_rate=1"])
+        apply_overrides(base, ["optim.learning_rate=1"], section_keys())
     with pytest.raises(LeanLMError, match="unknown section 'trainer'"):
-        train_mod.apply_overrides(base, ["trainer.steps=1"])
+        apply_overrides(base, ["trainer.steps=1"], section_keys())
     with pytest.raises(LeanLMError, match="expected SECTION.KEY=VALUE"):
-        train_mod.apply_overrides(base, ["steps"])
+        apply_overrides(base, ["steps"], section_keys())
     with pytest.raises(LeanLMError, match=r"model\.dim: expected int"):
         config_from_dict({**base, "model": {"preset": "tiny", "dim": "wide"}})
     with pytest.raises(LeanLMError, match="model.preset: unknown preset 'huge'"):
@@ -141,7 +157,8 @@ def test_config_errors_name_the_key(tmp_path, data_dir):
     with pytest.raises(LeanLMError, match="optim.schedule: must be one of"):
         config_from_dict({**base, "optim": {"schedule": "linear"}})
     # PyYAML reads 3e-4 (no dot) as a string; float fields take it, with --set or in a file
-    cfg = config_from_dict(train_mod.apply_overrides(base, ["optim.lr=3e-4", "optim.betas=[0.9, 0.99]"]))
+    sets = ["optim.lr=3e-4", "optim.betas=[0.9, 0.99]"]
+    cfg = config_from_dict(apply_overrides(base, sets, section_keys()))
     assert cfg.optim.lr == 3e-4 and cfg.optim.betas == [0.9, 0.99]
     assert cfg.model == preset("tiny")
 
@@ -178,6 +195,9 @@ def test_loss_decreases_and_outputs(tmp_path, corpus):
     res = train(load_config(config))
     rows = metrics(out)
     assert [int(r["step"]) for r in rows] == [5, 10, 15, 20, 25, 30]
+    # layer-averaged tokens (the third column) are the plain tokens of a dense run
+    assert list(rows[0])[:3] == ["step", "tokens", "layer_tokens"]
+    assert [int(r["layer_tokens"]) for r in rows] == [int(r["tokens"]) for r in rows] == [640 * s for s in range(1, 7)]
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"]) - 1.5
     val = [float(r["val_loss"]) for r in rows if r["val_loss"]]
     assert len(val) == 3 and val[0] > val[1] > val[2] and val[2] == pytest.approx(res["val_loss"])
@@ -195,17 +215,19 @@ def test_exact_resume(tmp_path, data_dir, monkeypatch):
     straight = tmp_path / "straight"
     train(make_cfg(straight, data_dir))
 
-    class CrashAtStep4(Transformer):
-        def set_step(self, step: int) -> None:  # the hook the loop calls before each step
+    class CrashAtStep4(Method):
+        name = "crash"
+
+        def set_step(self, model, step: int) -> None:  # the hook the loop calls before each step
             if step == 4:
                 raise RuntimeError("simulated crash")
 
     split = tmp_path / "split"
-    monkeypatch.setattr(train_mod, "build_model", CrashAtStep4)
+    monkeypatch.setattr(loop, "build_model", building_with(lambda: CrashAtStep4(None)))
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(make_cfg(split, data_dir))
     monkeypatch.undo()
-    assert [p.name for p in train_mod.checkpoint_dirs(split)] == ["step-00000004"]
+    assert [p.name for p in checkpoint_dirs(split)] == ["step-00000004"]
     res = train(make_cfg(split, data_dir, resume=True))
 
     assert res["steps"] == 8
@@ -221,7 +243,7 @@ def test_exact_resume(tmp_path, data_dir, monkeypatch):
 def test_corrupt_latest_falls_back_and_keep_last(tmp_path, data_dir, capsys):
     out = tmp_path / "run"
     train(make_cfg(out, data_dir, steps=6, save_every=2, keep_last=2))
-    assert [p.name for p in train_mod.checkpoint_dirs(out)] == ["step-00000004", "step-00000006"]
+    assert [p.name for p in checkpoint_dirs(out)] == ["step-00000004", "step-00000006"]
     first = without_timing(metrics(out))
     state = out / "step-00000006" / "trainer_state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # a torn write
@@ -230,34 +252,45 @@ def test_corrupt_latest_falls_back_and_keep_last(tmp_path, data_dir, capsys):
     err = capsys.readouterr().err
     assert "warning" in err and "step-00000006" in err and "resuming from" in err and "step-00000004" in err
     assert res["steps"] == 6 and without_timing(metrics(out)) == first
-    assert [p.name for p in train_mod.checkpoint_dirs(out)] == ["step-00000004", "step-00000006"]
+    assert [p.name for p in checkpoint_dirs(out)] == ["step-00000004", "step-00000006"]
     with pytest.raises(LeanLMError, match="already holds checkpoints"):
         train(make_cfg(out, data_dir))
 
 
 @pytest.mark.parametrize("source", ["logits", "aux_loss"])
 def test_non_finite_loss_stops_without_saving_it(tmp_path, data_dir, monkeypatch, source):
-    class NaNFromStep3(Transformer):
+    class NaNFromStep3(Method, TokenRouter):
+        """From step 3 on (0-based) a NaN in the training forward's last hidden states (so in the logits) through
+        the token-routing hook, or in the auxiliary loss."""
+
+        name = "nan"
         step = 0
 
-        def set_step(self, step: int) -> None:
+        def token_router(self):
+            return self if source == "logits" else None
+
+        def attach(self, model) -> None:
+            self.model = model
+
+        def set_step(self, model, step: int) -> None:
             self.step = step
 
-        def forward(self, idx, *args, **kwargs):
-            logits = super().forward(idx, *args, **kwargs)
-            return logits * math.nan if source == "logits" and self.training and self.step >= 3 else logits
+        def leave(self, i, s):
+            if self.model.training and self.step >= 3 and i == len(self.model.layers) - 1:
+                s.x = s.x * math.nan
+            return s
 
-        def aux_loss(self):
+        def aux_loss(self, model):
             return torch.tensor(math.nan if source == "aux_loss" and self.step >= 3 else 0.0)
 
-    monkeypatch.setattr(train_mod, "build_model", NaNFromStep3)
+    monkeypatch.setattr(loop, "build_model", building_with(lambda: NaNFromStep3(None)))
     out = tmp_path / "run"
     with pytest.raises(LeanLMError, match=r"^step 4: (loss|gradient norm) is nan") as e:
         train(make_cfg(out, data_dir, save_every=1, keep_last=0))
     assert "\n" not in str(e.value) and "step-00000003" in str(e.value)
-    assert [p.name for p in train_mod.checkpoint_dirs(out)] == [f"step-0000000{i}" for i in (1, 2, 3)]
+    assert [p.name for p in checkpoint_dirs(out)] == [f"step-0000000{i}" for i in (1, 2, 3)]
     assert not (out / "final").exists()
-    for ckpt in train_mod.checkpoint_dirs(out):
+    for ckpt in checkpoint_dirs(out):
         assert all(torch.isfinite(t).all() for t in load_file(str(ckpt / "model.safetensors")).values())
 
 
@@ -288,8 +321,9 @@ def test_finetune_from_checkpoint_via_cli(tmp_path, data_dir, corpus):
             }
         )
     )
-    ap = argparse.ArgumentParser()
-    parser = add_train_parser(ap.add_subparsers(dest="verb"))
+    ap = build_parser()
+    verbs = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction))
+    parser = verbs.choices["train"]
     for action in parser._actions:
         assert action.help, action.dest
     out = tmp_path / "ft"
@@ -331,7 +365,7 @@ def with_distill(cfg, **distill):
 
     return dataclasses.replace(
         cfg,
-        distill=train_mod.DistillConfig(**distill),
+        distill=DistillConfig(**distill),
         optim=dataclasses.replace(cfg.optim, weight_decay=0.0),
     )
 
@@ -342,8 +376,8 @@ def test_distill_loss_hand_computed():
     T = 2.0
     p_t = torch.softmax(t / T, -1)
     expected = (p_t * (torch.log(p_t) - torch.log_softmax(s / T, -1))).sum(-1).mean() * T**2
-    assert train_mod.distill_loss(s, t, T).item() == pytest.approx(expected.item(), rel=1e-6)
-    assert train_mod.distill_loss(t, t, T).item() == pytest.approx(0.0, abs=1e-7)
+    assert distill_loss(s, t, T).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert distill_loss(t, t, T).item() == pytest.approx(0.0, abs=1e-7)
 
 
 def test_distill_gradient_vanishes_at_the_teacher(teacher_ckpt):
@@ -351,10 +385,10 @@ def test_distill_gradient_vanishes_at_the_teacher(teacher_ckpt):
     from leanlm.checkpoint import load_model
 
     student, _ = load_model(str(teacher_ckpt))
-    teacher = train_mod.load_teacher(train_mod.DistillConfig(str(teacher_ckpt)), 512, 32, torch.device("cpu"))
+    teacher = load_teacher(DistillConfig(str(teacher_ckpt)), 512, 32, torch.device("cpu"))
     x, y = torch.randint(0, 300, (4, 32)), torch.randint(0, 300, (4, 32))
     logits = student.train()(x)  # (B, T, V)
-    kd = train_mod.distill_loss(logits, teacher(x), temperature=2.0)
+    kd = distill_loss(logits, teacher(x), temperature=2.0)
     ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
     params = list(student.parameters())
     kd_norm = torch.cat([g.flatten() for g in torch.autograd.grad(kd, params, retain_graph=True)]).norm()
@@ -371,13 +405,11 @@ def test_distill_pulls_the_student_to_the_teacher(tmp_path, data_dir, teacher_ck
     res = train(with_distill(cfg, teacher=str(teacher_ckpt), weight=1.0, temperature=2.0))
     kl = [float(r["distill_kl"]) for r in metrics(out)]
     assert kl[-1] < 0.5 * kl[0]
-    assert load_config(out / "config.yaml").distill == train_mod.DistillConfig(str(teacher_ckpt), 1.0, 2.0)
+    assert load_config(out / "config.yaml").distill == DistillConfig(str(teacher_ckpt), 1.0, 2.0)
     # executed FLOPs count the teacher's forward on top of the student's forward + backward
     teacher, _ = load_model(str(teacher_ckpt))
     student, _ = load_model(str(out / "final"))
-    assert res["flops_per_token"] == pytest.approx(
-        student.flops_per_token(32, training=True) + teacher.flops_per_token(32)
-    )
+    assert res["flops_per_token"] == pytest.approx(student.flops("train", 32) + teacher.flops("prefill", 32))
 
 
 def test_distill_bad_input(tmp_path, data_dir, corpus, teacher_ckpt):

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from leanlm.errors import LeanLMError
+from leanlm.model import Transformer
 
 SCHEDULES = ("cosine", "wsd", "constant")
 LR_INDEXES = ("steps", "layer_tokens")
@@ -146,3 +147,28 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW over `param_groups(model)`. Build it after wrapping the model for DDP/FSDP: FSDP replaces parameters."""
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+class LayerTokens:
+    """LayerTokens (one token through one layer) of each optimizer step of a run, dense or not: the model's token
+    router says how many tokens each block runs at a step (`TokenRouter.flow`), without one every block runs the
+    whole window. `at(step) / n_layers` is the layer-averaged count Megatron-DeepSpeed logs as "consumed tokens";
+    for a dense run, simply the tokens of the step."""
+
+    def __init__(self, model: Transformer, seq_len: int, samples: int):
+        self.model, self.n, self.samples = model, seq_len, samples  # samples: windows per optimizer step
+
+    def at(self, step: int) -> int:
+        flow = self.model.router.flow("train", self.n, step) if self.model.router is not None else None
+        return self.samples * round(sum(flow[0]) if flow else self.n * self.model.cfg.n_layers)
+
+    def total(self, steps: int) -> int:
+        return sum(self.at(t) for t in range(steps))
+
+    def steps_for(self, budget: int) -> int:
+        """Optimizer steps until at least `budget` layer-averaged tokens are consumed (the last may overshoot)."""
+        target, consumed, step = budget * self.model.cfg.n_layers, 0, 0
+        while consumed < target:
+            consumed += self.at(step)
+            step += 1
+        return step

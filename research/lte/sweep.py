@@ -1,9 +1,9 @@
 """LTE eta sweep: the sparsity-perplexity curve of a model fine-tuned with LTE, next to a dense fine-tune of the same
 length and a training-free baseline (keep the experts with the largest mean |activation| per token, TEAL-style).
 
-    python benchmarks/lte_sweep.py --init smollm2-135m --train ../shared/data/wikitext-2/valid.txt \\
-        --test ../shared/data/wikitext-2/test.txt --etas 16,12,8 --stage1-steps 30 --stage2-steps 10 --batch-size 2 \\
-        --eval-windows 8 --router-lr-scale 100 --router-init-bias 1.5 --sep-eps 0.1 --out out/lte2
+    python research/lte/sweep.py --init smollm2-135m --train wikitext-2-valid --test wikitext-2 --etas 16,12,8 \\
+        --stage1-steps 30 --stage2-steps 10 --batch-size 2 --eval-windows 8 --router-lr-scale 100 \\
+        --router-init-bias 1.5 --sep-eps 0.1 --out out/lte2
 
 Per eta it runs what `leanlm train` runs for
     run.init=<init>, model: {lte: {eta: ETA, ...}}                 (stage 1: grouping + routers + soft routing)
@@ -22,6 +22,11 @@ overfit). `--teacher PATH` distils stage 2 (and its continuations; `--distill-st
 the dense run is trained first, so it can be the teacher. `--stage1-from-dense` starts stage 1 from the dense
 reference instead of `--init` (the paper's order: a dense fine-tune, then grouping and stage 1). `--expert-size N`
 groups N neurons per expert, for LTE and the training-free baseline alike (default 32, the issue's).
+
+`--train` and `--test` take text files or the names of texts shipped with leanlm (`wikitext-2-valid`, `wikitext-2`).
+The training text is tokenized with `--init`'s tokenizer; an init without one (a preset without weights, e.g. `tiny`
+for a smoke test: `python -m pytest research`) gets a BPE of its vocabulary size trained on `--train`. Results of
+the runs made with it are in docs/lab/lte.md.
 """
 
 from __future__ import annotations
@@ -39,8 +44,8 @@ import torch
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--init", default="smollm2-135m")
-    ap.add_argument("--train", default="../shared/data/wikitext-2/valid.txt")
-    ap.add_argument("--test", default="../shared/data/wikitext-2/test.txt")
+    ap.add_argument("--train", default="wikitext-2-valid", help="training text: a file or a shipped text's name")
+    ap.add_argument("--test", default="wikitext-2", help="evaluation text: a file or a shipped text's name")
     ap.add_argument("--etas", default="8,12,16", help="comma-separated eta values")
     ap.add_argument("--stage1-steps", type=int, default=30)
     ap.add_argument("--stage2-steps", type=int, default=10)
@@ -52,7 +57,7 @@ def main() -> None:
     ap.add_argument("--router-lr-scale", type=float, default=100.0)
     ap.add_argument("--router-init-bias", type=float, default=1.5, help="model.lte.router_init_bias")
     ap.add_argument("--sep-eps", type=float, default=0.1, help="model.lte.sep_eps")
-    ap.add_argument("--router-init", default="random", help="random | centroid (model.lte.router_init)")
+    ap.add_argument("--router-init", default="random", help="random | centroid | fitted (model.lte.router_init)")
     ap.add_argument("--router-init-std", type=float, default=0.02)
     ap.add_argument("--expert-size", type=int, default=32, help="model.lte.expert_size (LTE and training-free)")
     ap.add_argument("--eval-seq-len", type=int, default=512)
@@ -92,14 +97,16 @@ def main() -> None:
         sys.exit(f"error: --distill-stages must be 1, 2 or 1,2 (got {args.distill_stages!r})")
     torch.set_num_threads(args.threads)
 
-    from leanlm.checkpoint import add_methods, load_model
-    from leanlm.config import LTEConfig
-    from leanlm.data import prepare
-    from leanlm.distributed import setup
+    from leanlm.checkpoint import load_model
+    from leanlm.data import prepare, text_file
     from leanlm.errors import LeanLMError
     from leanlm.evaluate import evaluate
-    from leanlm.lte import set_magnitude_routing
-    from leanlm.train import config_from_dict, train
+    from leanlm.measure import reports, reset_stats
+    from leanlm.methods import add_methods
+    from leanlm.methods.lte import LTEConfig, set_magnitude_routing
+    from leanlm.tokenizer import Tokenizer
+    from leanlm.training import config_from_dict, train
+    from leanlm.training.distributed import setup
 
     try:  # the device `leanlm train` would pick for run.device (auto: cuda if available), checked the same way
         dev = setup(args.device).device
@@ -108,7 +115,17 @@ def main() -> None:
 
     out = Path(args.out)
     data = out / "data"
-    prepare([args.train], data, tokenizer=args.init, val_fraction=0.05, progress=False)
+    grouping = LTEConfig(expert_size=args.expert_size)  # the training-free baseline's; LTE's runs use the same size
+    try:
+        test = text_file(args.test)
+        base, base_tok = load_model(args.init)
+        base.cfg.replace(methods={"lte": grouping})  # before anything is trained: the expert size must fit the FFN
+        # the init's tokenizer, or (a preset without weights) a BPE of the model's vocabulary trained on the text
+        tokenizer = args.init if base_tok is not None else None
+        prepare([args.train], data, tokenizer=tokenizer, vocab_size=base.cfg.vocab_size, progress=False)
+    except LeanLMError as e:
+        sys.exit(f"error: {e}")
+    data_tok = Tokenizer.load(data)  # what every trained checkpoint carries
     steps = args.stage1_steps + args.stage2_steps
 
     def run(name: str, init: str, model: dict | None, n: int, seed: int = 0, teacher: str | None = None) -> Path:
@@ -143,21 +160,16 @@ def main() -> None:
 
     def load(path) -> tuple[torch.nn.Module, object]:
         model, tok = load_model(str(path))
-        return model.to(dev), tok
+        return model.to(dev), tok or data_tok
 
     def score(model, tok) -> float:
-        res = evaluate(
-            model, tok, [args.test], seq_len=args.eval_seq_len, max_windows=args.eval_windows, progress=False
-        )
+        """Perplexity on --test; the model's methods count what they did (reset first)."""
+        reset_stats(model)
+        res = evaluate(model, tok, [test], seq_len=args.eval_seq_len, max_windows=args.eval_windows, progress=False)
         return res["perplexity"]
 
     rows: list[dict] = []
-    base, tok = load(args.init)
-    grouping = LTEConfig(expert_size=args.expert_size)  # the training-free baseline's; LTE's runs use the same size
-    try:  # before anything is trained: the expert size must divide the FFN width
-        grouping.check(base.cfg.ffn_dim)
-    except LeanLMError as e:
-        sys.exit(f"error: --expert-size: {e}")
+    base, tok = base.to(dev), base_tok or data_tok
     ppl_base = score(base, tok)
     print(f"pretrained: ppl {ppl_base:.3f}", flush=True)
     del base
@@ -180,20 +192,19 @@ def main() -> None:
         return {"lte": {"eta": eta, "stage": stage, **lte_common}}
 
     def grouped(dense) -> torch.nn.Module:  # the training-free baseline: same k-means grouping, no training
-        return add_methods(dense, dense.cfg.replace(lte=grouping)).to(dev).eval()
+        return add_methods(dense, dense.cfg.replace(methods={"lte": grouping})).to(dev).eval()
 
     def point(eta: float, stage: int, n: int, path: Path, baseline: torch.nn.Module | None) -> None:
         model, _ = load(path)
         ppl = score(model, tok)
-        rep = model.lte_report()  # after scoring: the sparsity its routers chose on the test text
-        row = {"eta": eta, "stage": stage, "steps": n, "ppl": ppl, "sparsity": rep["ffn_sparsity"], "per_layer": rep}
+        rep = reports(model)["lte"]  # after scoring: the sparsity its routers chose on the test text
+        row = {"eta": eta, "stage": stage, "steps": n, "ppl": ppl, "sparsity": rep["ffn_sparsity"], "report": rep}
         if baseline is not None:  # the training-free baseline at the same mean sparsity
             set_magnitude_routing(baseline, 1 - rep["ffn_sparsity"])
-            baseline.lte_reset_stats()
             row["training_free_ppl"] = score(baseline, tok)
-            row["training_free_sparsity"] = baseline.lte_report()["ffn_sparsity"]
+            row["training_free_sparsity"] = reports(baseline)["lte"]["ffn_sparsity"]
         rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "per_layer"}), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k != "report"}), flush=True)
 
     def teacher(stage: int) -> str | None:
         return args.teacher if str(stage) in distilled else None

@@ -25,6 +25,10 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from leanlm.errors import LeanLMError
 
@@ -98,16 +102,11 @@ def resolve_strategy(strategy: str, world_size: int) -> str:
 def wrap(model: nn.Module, strategy: str, d: Dist) -> nn.Module:
     """DDP, or FSDP2 sharding each block of `model.layers` and then the root (which holds embeddings and head)."""
     if strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         # the only buffers are RoPE tables computed identically on every rank: broadcasting them each step is waste
         return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None, broadcast_buffers=False)
     if strategy == "fsdp":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
         mesh = init_device_mesh(d.device.type, (d.world_size,))
-        for block in getattr(model, "layers", []):
+        for block in model.layers:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
     return model
@@ -115,19 +114,18 @@ def wrap(model: nn.Module, strategy: str, d: Dist) -> nn.Module:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's module: DDP's `.module`; FSDP2 shards in place, so a sharded model is its own module."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return model.module if isinstance(model, DDP) else model
 
 
 @contextlib.contextmanager
 def grad_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
     """Skip the gradient all-reduce / reduce-scatter on accumulation micro-steps that are not the last."""
-    if isinstance(model, nn.parallel.DistributedDataParallel) and not enabled:
+    if isinstance(model, DDP) and not enabled:
         with model.no_sync():
             yield
         return
-    set_sync = getattr(model, "set_requires_gradient_sync", None)  # FSDP2
-    if set_sync is not None:
-        set_sync(enabled)
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
     yield
 
 
@@ -135,7 +133,7 @@ def reshard(model: nn.Module) -> None:
     """After forward-only passes (validation), return FSDP2's root parameters to their shards. FSDP2 keeps the root
     gathered after a forward because a backward normally follows; until it reshards, `parameters()` yields the
     gathered tensors rather than the sharded ones the optimizer and state-dict functions know."""
-    if hasattr(model, "reshard"):
+    if isinstance(model, FSDPModule):
         model.reshard()
 
 
@@ -164,12 +162,12 @@ def barrier(d: Dist) -> None:
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (FSDP2 parameter or gradient norm), or the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole value of a DTensor (a collective), or the tensor itself."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
