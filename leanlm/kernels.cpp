@@ -4,7 +4,7 @@
 // Why kernels: a one-token decode step on a CPU is bound by the number of ops, not by their size. A dense block of
 // the CPU presets is ~40 PyTorch ops (norm, projection, RoPE, cache writes, attention, residuals), ~0.4 ms of
 // dispatch and small-tensor traffic next to ~0.3 ms of streaming its weights; that fixed cost is paid by every
-// token that enters a block, so it also caps what skipping work can save (SUBLLM's decode at 4k, docs/results.md).
+// token that enters a block, so it also caps what skipping work can save (SUBLLM's decode at 4k, docs/design.md).
 // Mid-step it is worse than a microbenchmark shows: after megabytes of weights have streamed through the caches, a
 // small PyTorch op costs 0.1-0.2 ms (its dispatch path is cold; F.rms_norm on 256 values: 24 us warm, 156 us cold),
 // while a call into this module costs ~10 us. So the small ops around the blocks are here too (embedding, final
@@ -289,7 +289,7 @@ std::tuple<torch::Tensor, int64_t> lte_decode(torch::Tensor x, torch::Tensor rou
       const int64_t e = sel[i];
       const float* We = W + e * C * E2;
       // a fixed-width loop for experts of 32 and 16, the generic one otherwise: for experts of 8 the fixed loop
-      // (4 vector chains) ran 2x slower than the generic one (docs/results.md, LTE ninth attempt)
+      // (4 vector chains) ran 2x slower than the generic one (measured: docs/lab/lte.md)
       switch (E2) {
         case 64: gate_up_fixed<64>(xp, We, C, g.data()); break;
         case 32: gate_up_fixed<32>(xp, We, C, g.data()); break;

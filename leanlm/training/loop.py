@@ -126,23 +126,13 @@ def train(cfg: TrainConfig) -> dict:
             for m in raw.methods:
                 m.set_step(raw, step)
             flops = raw.flops("train", run.seq_len) + teacher_flops
-            if cfg.optim.lr_index == "layer_tokens":
-                L = raw.cfg.n_layers
-                lr = schedule_lr_layer_tokens(consumed / L, lt_total / L, tokens_per_step, cfg.optim)
-            else:
-                lr = schedule_lr(step, cfg.optim, run.steps)
+            lr = _lr(cfg, step, consumed / raw.cfg.n_layers, lt_total / raw.cfg.n_layers)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             loss, objective, kd = _accumulate(model, raw, batches, cfg, teacher, autocast, d)
             grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or math.inf))
             loss, objective, norm, kd = distributed.all_mean([loss, objective, grad_norm.item(), kd], d)
-            if not (math.isfinite(objective) and math.isfinite(norm)):
-                what = f"loss is {objective}" if not math.isfinite(objective) else f"gradient norm is {norm}"
-                last = state.checkpoint_dirs(out)
-                raise LeanLMError(
-                    f"step {step + 1}: {what}; stopped without updating the weights (lower optim.lr?); "
-                    f"last checkpoint: {last[-1] if last else 'none'}"
-                )
+            _check_finite(step, objective, norm, out)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             consumed += layer_tokens.at(step)
@@ -183,24 +173,15 @@ def train(cfg: TrainConfig) -> dict:
         if not _weights_finite(model, d):
             raise LeanLMError(f"step {step}: the weights are no longer finite; not saving {out / 'final'}")
         full = _model_for_saving(model, raw.cfg, d)  # the live config: what training set on it (calibration)
-        summary = {
-            "out": str(out),
-            "checkpoint": str(out / "final"),
-            "steps": step,
-            "tokens": tokens,
-            "loss": last_loss,
-            "val_loss": val_loss,
-            "tokens_per_s": (step - start_step) * tokens_per_step / train_seconds if train_seconds else None,
-            "train_seconds": train_seconds,
-            # executed FLOPs per token, the mean over this session's steps (random-LTD changes them per step)
-            "flops_per_token": flops_sum / (step - start_step)
-            if step > start_step
-            else raw.flops("train", run.seq_len),
-            "layer_tokens": consumed // raw.cfg.n_layers,
-            "params": sum(p.numel() for p in params),  # a DTensor's numel is that of the whole parameter
-            "world_size": d.world_size,
-            "strategy": strategy,
-        }
+        session = step - start_step
+        summary = {"out": str(out), "checkpoint": str(out / "final"), "steps": step, "tokens": tokens}
+        summary |= {"loss": last_loss, "val_loss": val_loss, "train_seconds": train_seconds}
+        summary["tokens_per_s"] = session * tokens_per_step / train_seconds if train_seconds else None
+        # executed FLOPs per token, the mean over this session's steps (random-LTD changes them per step)
+        summary["flops_per_token"] = flops_sum / session if session else raw.flops("train", run.seq_len)
+        summary["layer_tokens"] = consumed // raw.cfg.n_layers
+        # a DTensor's numel is that of the whole parameter
+        summary |= {"params": sum(p.numel() for p in params), "world_size": d.world_size, "strategy": strategy}
         if d.is_main:
             trained = {k: summary[k] for k in ("steps", "tokens", "loss", "val_loss")}
             save_checkpoint(full, tokenizer, out / "final", extra={"trained": trained})
@@ -335,6 +316,27 @@ def _accumulate(
         (total / n).backward()
         sums += torch.stack([loss.detach(), total.detach(), kd.detach()])
     return tuple((sums / n).tolist())
+
+
+def _lr(cfg: TrainConfig, step: int, consumed: float, total: float) -> float:
+    """This step's learning rate: the schedule at the step, or (LayerToken LR) at the layer-averaged tokens consumed
+    so far out of `total`, counted in dense steps."""
+    if cfg.optim.lr_index == "layer_tokens":
+        return schedule_lr_layer_tokens(
+            consumed, total, cfg.run.batch_size * cfg.run.seq_len * cfg.run.grad_accum, cfg.optim
+        )
+    return schedule_lr(step, cfg.optim, cfg.run.steps)
+
+
+def _check_finite(step: int, objective: float, norm: float, out: Path) -> None:
+    """Stop before an update that would make the weights non-finite, naming the last checkpoint to go back to."""
+    if not (math.isfinite(objective) and math.isfinite(norm)):
+        what = f"loss is {objective}" if not math.isfinite(objective) else f"gradient norm is {norm}"
+        last = state.checkpoint_dirs(out)
+        raise LeanLMError(
+            f"step {step + 1}: {what}; stopped without updating the weights (lower optim.lr?); "
+            f"last checkpoint: {last[-1] if last else 'none'}"
+        )
 
 
 def _calibrate(model: Transformer, batches: list[Tensor]) -> dict[str, Any]:
