@@ -134,7 +134,7 @@ def main() -> None:
         )
     else:
         budget = args.dense_steps * args.batch * n  # layer-averaged tokens of the dense run
-        layer_tokens = LayerTokens(model, n, args.batch)
+        layer_tokens = LayerTokens(model.cfg.n_layers, n, args.batch, router=ltd)
         ltd_steps = layer_tokens.steps_for(budget)
         for _ in range(args.warmup):
             ltd.set_step(model, 0)
@@ -155,7 +155,7 @@ def main() -> None:
             "schedule_steps": args.dense_steps,
             "dense_steps": args.dense_steps,
             "ltd_steps": ltd_steps,
-            "layer_tokens_dense": LayerTokens(dense, n, args.batch).total(args.dense_steps),
+            "layer_tokens_dense": LayerTokens(dense.cfg.n_layers, n, args.batch).total(args.dense_steps),
             "layer_tokens_ltd": layer_tokens.total(ltd_steps),
             "dense_s": t_dense,
             "ltd_s": t_ltd,

@@ -41,9 +41,9 @@ from leanlm.measure import (
     reset_stats,
     summarize,
 )
-from leanlm.model import DTYPES, Transformer
+from leanlm.model import DTYPES, PASSES, Transformer
 
-WHATS = ("train", "prefill", "decode")
+WHATS = PASSES  # what `leanlm bench --what` measures: the passes Transformer.flops counts
 
 
 def _check_args(
@@ -132,6 +132,10 @@ def run_bench(
     variants = {"A": {"ref": model, "params": model_a.num_params(), "flops_per_token": {}}}
     models: dict[str, nn.Module] = {"A": model_a}
     if vs == "hf":
+        if model_a.cfg.methods:
+            raise LeanLMError(
+                f"--vs hf compares the dense baseline; {model} is {model_a.cfg.arch} (use --vs DENSE_REF)"
+            )
         models["B"] = to_hf_model(model_a).to(dev)
         variants["B"] = {
             "ref": "hf",

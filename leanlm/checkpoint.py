@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from leanlm import hf
 from leanlm.config import PRESETS, PRETRAINED_PRESETS, apply_overrides, merge_preset, model_config, model_keys, preset
-from leanlm.data import TokenDataset, calibration_windows, load_tokenizer_ref, text_file
+from leanlm.data import CALIBRATION_LEN, TokenDataset, calibration_windows, load_tokenizer_ref, text_file
 from leanlm.errors import LeanLMError
 from leanlm.evaluate import tokenize_files
 from leanlm.io import atomic_dir, read_json
@@ -26,7 +26,6 @@ from leanlm.model import Transformer, torch_dtype
 from leanlm.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
-CALIBRATION_LEN = 512  # tokens per calibration window
 
 
 def save_checkpoint(
@@ -91,7 +90,7 @@ def load_checkpoint(
     overrides = overrides or {}
     _check_overrides(meta["model"], overrides, str(path))
     cfg = model_config(merge_preset(meta["model"], overrides), where=f"{path}/config.json: model")
-    if cfg.arch != arch:
+    if set(cfg.arch.split("+")) != set(arch.split("+")):
         raise LeanLMError(f"{path}/config.json: says arch {arch!r} but its model section describes {cfg.arch!r}")
     wfile = path / "model.safetensors"
     if not wfile.is_file():
@@ -166,7 +165,9 @@ def convert(
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise LeanLMError(f"{out}: exists and is not empty (pass --force to replace it)")
-    for name in methods:
+    for i, name in enumerate(methods):
+        if name in methods[:i]:
+            raise LeanLMError(f"--method {name}: given twice")
         if name not in names("model"):
             raise LeanLMError(f"--method {name}: not a method of the model (known: {', '.join(names('model'))})")
     if calibrate_tokens < 64:
@@ -175,7 +176,7 @@ def convert(
     added = {k: v for k, v in overrides.items() if k in methods}
     at_load = {k: v for k, v in overrides.items() if k not in methods}
     model, tok = load_model(src, dtype=dtype, seed=seed, overrides=at_load or None)
-    out_dtype = model.cfg.dtype
+    out_dtype = dtype or model.cfg.dtype
     model = model.float()  # conversion and calibration compute in float32
     for name in methods:
         if name in model.cfg.methods:

@@ -55,10 +55,10 @@ def build_dataclass(cls: type, data: Mapping, where: str) -> Any:
     if not isinstance(data, Mapping):
         raise LeanLMError(f"{where}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    unknown = sorted(set(data) - set(names))
+    keys = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(data) - set(keys))
     if unknown:
-        raise LeanLMError(f"unknown key '{where}.{unknown[0]}' (allowed in {where}: {', '.join(names)})")
+        raise LeanLMError(f"unknown key '{where}.{unknown[0]}' (allowed in {where}: {', '.join(keys)})")
     kwargs = {}
     for k, v in data.items():
         if isinstance(v, str) and float in (typing.get_args(hints[k]) or (hints[k],)):
@@ -96,6 +96,8 @@ def model_config(data: Mapping, where: str = "model") -> ModelConfig:
     methods = {}
     for m, section in sections.items():
         if section is not None:
+            if not isinstance(section, Mapping):
+                raise LeanLMError(f"{where}.{m}: expected a mapping, got {type(section).__name__}")
             kept = {k: v for k, v in section.items() if k not in REGISTRY[m].retired_keys}
             methods[m] = build_dataclass(REGISTRY[m].Config, kept, f"{where}.{m}")
     return cfg.replace(methods=methods)  # validates each method's section against the backbone

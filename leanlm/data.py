@@ -478,6 +478,9 @@ def _windows(tokens: np.ndarray, starts: Sequence[int], seq_len: int) -> tuple[T
     return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
 
 
+CALIBRATION_LEN = 512  # tokens per calibration window
+
+
 def calibration_windows(tokens: np.ndarray, n: int, seq_len: int, seed: int = 0) -> Tensor:
     """Up to `n` windows (n, T) of a token array at seeded random, non-overlapping offsets, T = seq_len or shorter
     for a short text: calibration text for a method (SUBLLM's thresholds, LTE's grouping and routers)."""

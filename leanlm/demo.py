@@ -38,7 +38,7 @@ from leanlm.data import TokenDataset, prepare, spread_batches, text_file
 from leanlm.errors import LeanLMError
 from leanlm.evaluate import evaluate
 from leanlm.kernels import cpp_kernels
-from leanlm.measure import TrainStep, decode_text_in_turn, measure, reset_stats, summarize
+from leanlm.measure import TrainStep, decode_text_in_turn, measure, reports, reset_stats, summarize
 from leanlm.methods import install
 from leanlm.methods.ltd import LTDConfig, RandomLTD
 from leanlm.model import Transformer
@@ -106,7 +106,7 @@ def _train_config(size: DemoSize, method: str, data_dir: Path, out: Path, progre
     ltd = {"ltd": LTDConfig(r_min=size.seq_len // 2, q=16)} if method == "random-ltd" else {}
     return TrainConfig(
         model=preset(size.model, **size.model_overrides, **(model if method == "subllm" else {})),
-        methods=ltd,
+        train_methods=ltd,
         data=DataConfig(dir=str(data_dir)),
         optim=OptimConfig(lr=size.lr, warmup_steps=max(1, size.steps // 10), schedule="cosine"),
         run=RunConfig(
@@ -169,7 +169,7 @@ def _decode_speed(
     return {
         "speedup": summarize(ratios),
         "flop_ratio": models["dense"].flops("decode", ctx) / sub.flops("decode", ctx),
-        "retention": sub.methods[0].report(sub)["retention"]["decode"],
+        "retention": reports(sub)["subllm"]["retention"]["decode"],
     }
 
 
@@ -281,7 +281,8 @@ def run_demo(out: str | Path = "demo", quick: bool = False, progress: bool = Tru
     overrides = None
     if size.speed_presets is not None:  # random-init: calibrate its thresholds on the text, as training would
         sub = models["subllm"]
-        thresholds = sub.methods[0].calibrate(sub, spread_batches(val, 1, size.prompt_len, 4))["subllm.threshold"]
+        batches = spread_batches(val, 1, size.prompt_len, 4)
+        thresholds = {k: v for m in sub.methods for k, v in m.calibrate(sub, batches).items()}["subllm.threshold"]
         overrides = {"subllm": {"threshold": thresholds}}
     say(f"timing SUBLLM prefill of {size.prompt_len} tokens and decode of held-out text ({kernel} kernels)")
     prefill = run_bench(
@@ -403,9 +404,9 @@ def _lte(size: DemoSize, out: Path, runs: Path, kernel: str, say) -> dict | None
         calibrate=str(calibrate),
         calibrate_tokens=size.lte_calibrate_tokens,
     )
-    models = {"lte": load_model(conv["out"])[0], "dense": load_model(source)[0]}
+    lte_model, tok = load_model(conv["out"])
+    models = {"lte": lte_model, "dense": load_model(source)[0]}
     if size.lte_source is not None:  # the usual perplexity text, unseen by the conversion
-        tok = load_model(conv["out"])[1]
         loss = {
             k: evaluate(m, tok, [text_file("wikitext-2")], seq_len=512, max_windows=8, progress=False)["nll"]
             for k, m in models.items()
@@ -418,7 +419,7 @@ def _lte(size: DemoSize, out: Path, runs: Path, kernel: str, say) -> dict | None
             )
             for k, m in models.items()
         }
-    del models
+    del models, lte_model
     say(f"timing LTE prefill and decode vs {source} ({kernel} kernels)")
     prompt, new = (128, 64) if size.lte_source is not None else (size.prompt_len, size.new_tokens)
     b = run_bench(

@@ -303,6 +303,8 @@ class MLP(nn.Module):
     def decode_step(self, norm: RMSNorm, ops: Any) -> Callable[[Tensor], Tensor] | None:
         """x -> x + FFN(norm(x)) for one token (1, 1, C) through the C++ ops, made once per decode layout; None
         when the weights are not in the column-major layout (the block then keeps PyTorch)."""
+        if type(self).forward is not MLP.forward:  # an FFN of its own: the dense op would compute something else
+            return None
         w_gu, w_d = self.gate_up_proj.weight.detach().t(), self.down_proj.weight.detach().t()  # (C, 2F), (F, C)
         if not (w_gu.is_contiguous() and w_d.is_contiguous()):
             return None

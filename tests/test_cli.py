@@ -64,6 +64,7 @@ def test_convert_round_trip_and_refuses_to_overwrite(capsys, tmp_path, tiny_ckpt
         (["convert", "does/not/exist", "OUT"], "no such file or directory"),
         (["convert", "nope-preset", "OUT"], "not a preset"),
         (["eval", "-m", "tiny", "-d", "missing.txt"], "missing.txt: no such file"),
+        (["eval", "-m", "tiny", "-d", "wikitext-3"], "not the name of a text shipped with leanlm (wikitext-2, "),
         (["prepare", "missing-dir", "--out", "OUT"], "missing-dir"),
         (["bench", "-m", "tiny", "--what", "fly"], "unknown benchmark 'fly'"),
     ],

@@ -265,12 +265,12 @@ def test_layer_tokens_and_budget_hand_computed():
     # 4 layers, first and last exempt; 2 windows of 32 tokens per step; r: 8 8 12 12 16 ... 32 from step 10
     model = tiny4()
     ltd = installed(model, steps=10)
-    lt = LayerTokens(model, 32, samples=2)
+    lt = LayerTokens(4, 32, samples=2, router=ltd)
     assert [ltd.kept(t) for t in range(4)] == [8, 8, 12, 12]
     assert lt.at(0) == 2 * (8 * 2 + 32 * 2) == 160
     assert lt.at(2) == 2 * (12 * 2 + 32 * 2) == 176
     assert lt.at(10) == 2 * 32 * 4 == 256  # full length: a dense step
-    dense = LayerTokens(tiny4(), 32, samples=2)
+    dense = LayerTokens(4, 32, samples=2)
     assert dense.at(0) == 256 and dense.steps_for(64 * 5) == 5
     # budget of 5 dense steps = 1280 LayerTokens: 160 + 160 + 176 + 176 + 192 + 208 = 1072, + 208 = 1280 -> 7 steps
     assert lt.steps_for(64 * 5) == 7
@@ -365,9 +365,9 @@ def test_ltd_section_absent_or_disabled():
     model = Transformer(preset("tiny"))
     install(model, [ltd])
     assert model.router is None and ltd.kept(0) == 32
-    lt = LayerTokens(model, 32, samples=4)
+    lt = LayerTokens(model.cfg.n_layers, 32, samples=4, router=ltd.token_router())
     assert lt.at(0) == 4 * 32 * 2 and lt.steps_for(8 * 4 * 32) == 8
-    assert config_from_dict(raw_cfg(Path("x"))).methods == {}
+    assert config_from_dict(raw_cfg(Path("x"))).train_methods == {}
 
 
 @pytest.mark.parametrize(

@@ -668,6 +668,8 @@ def test_convert_cli_fits_routers_on_calibration_text(tmp_path, capsys, tiny_tok
         (["--method", "lte", "--set", "model.lte.router_init=fitted"], "router_init=fitted needs calibration text"),
         (["--method", "lte", "--set", "model.lte.keep=1", *calib], "model.lte.keep: must lie strictly between"),
         (["--method", "lte", "--set", "model.lte.refit_down=true", *calib], "refit_down: refits under fitted"),
+        (["--method", "lte", *calib, "--calibrate-tokens", "10"], "--calibrate-tokens must be at least 64"),
+        (["--method", "lte", "--method", "lte", *calib], "--method lte: given twice"),
     ]:
         one_line_exit_2(capsys, ["convert", str(src), str(tmp_path / "bad"), *argv], needle)
         assert not (tmp_path / "bad").exists()

@@ -35,7 +35,7 @@ def build_model(cfg: ModelConfig) -> Transformer:
     """A fresh (uninitialised) model for `cfg`: the dense baseline with the methods its config names plugged in.
     Call `.init_weights(seed)` on the result, or load weights into it."""
     methods = [REGISTRY[name](section) for name, section in cfg.methods.items()]
-    check_compatible(cfg, methods)
+    check_compatible(cfg, methods)  # before building: the FFN factory is the first hook used
     factories = [f for m in methods if (f := m.ffn_factory(cfg)) is not None]
     model = Transformer(cfg, ffn=factories[0] if factories else None)
     install(model, methods)
@@ -52,9 +52,9 @@ def check_compatible(cfg: ModelConfig, methods: Sequence[Method]) -> None:
         "routes this model's tokens": lambda m: m.token_router(),
     }
     for hook, uses in hooks.items():
-        names = [m.name for m in everyone if uses(m) is not None]
-        if len(names) > 1:
-            raise LeanLMError(f"{names[-1]}: {names[0]} already {hook}; they cannot be combined")
+        users = [m.name for m in everyone if uses(m) is not None]
+        if len(users) > 1:
+            raise LeanLMError(f"{users[-1]}: {users[0]} already {hook}; they cannot be combined")
 
 
 def install(model: Transformer, methods: Sequence[Method]) -> None:

@@ -15,6 +15,7 @@ the registry (`leanlm/methods/__init__.py`). What calls each hook:
         convert         carry a trained model's weights into this method's layout (e.g. dense -> LTE experts)
     training (leanlm.training.loop)
         setup_run       a training method learns the run (window length, steps) before the training loop installs it
+        lr_scales       parameters to learn at a multiple of the base learning rate
         set_step        the optimizer step, before its forward (schedules)
         aux_loss        an extra loss term of the last forward, or None
         train_metrics   diagnostics of the last training step (metrics.csv columns)
@@ -39,6 +40,10 @@ from torch import Tensor
 
 from leanlm.errors import LeanLMError
 from leanlm.model import MLP, ModelConfig, TokenRouter, Transformer
+
+
+class NeedsCalibration(LeanLMError):
+    """A conversion that calibrates on text was given none (`convert` raises it before any work)."""
 
 
 class Method:
@@ -81,6 +86,10 @@ class Method:
         model.cfg = model.cfg.replace(methods={**model.cfg.methods, self.name: self.cfg})
 
     # -- training -----------------------------------------------------------------------------------------------------
+
+    def lr_scales(self, model: Transformer) -> dict[str, float]:
+        """Parameters (by name) to learn at a multiple of the base learning rate."""
+        return {}
 
     def setup_run(self, model_cfg: ModelConfig, seq_len: int, steps: int) -> None:
         """A training method (scope "train") learns the run before it is installed: the model, the window length and

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from leanlm.errors import LeanLMError
 from leanlm.kernels import cpp_kernels
-from leanlm.methods.base import Method
+from leanlm.methods.base import Method, NeedsCalibration
 from leanlm.model import MLP, ModelConfig, RMSNorm, Transformer
 
 TAU = 0.5  # score threshold: the paper uses 0.5 in every experiment
@@ -103,17 +103,15 @@ class LTEMLP(MLP):
         super().__init__(dim, ffn_dim)  # gate_up_proj rows [g_0; u_0; g_1; u_1; ...]; down_proj columns by expert
         self.lte = lte
         self.n, self.E = ffn_dim // lte.expert_size, lte.expert_size
-        # the router reads exactly what the FFN reads (post_attention_layernorm output): "the input to the FFN"
-        self.router = nn.Linear(dim, self.n, bias=False)
+        self.router = nn.Linear(dim, self.n, bias=False)  # reads what the FFN reads: "the input to the FFN layer"
         # a separate 1-D offset: Transformer.init_weights zeroes `.bias` parameters but leaves this one as set here
         self.router_offset = nn.Parameter(torch.full((self.n,), float(lte.router_init_bias)))
         self.register_buffer("grouping", torch.arange(ffn_dim), persistent=True)  # original neuron of each position
         # hard sparsity of the last training forward (persistent: the cost of a saved model before any measurement)
         self.register_buffer("train_sparsity", torch.zeros(()), persistent=True)
         self.stage = lte.stage
-        for p in (self.router.weight, self.router_offset):
-            p.requires_grad_(self.stage == 1)
-            p.lr_scale = lte.router_lr_scale  # read by leanlm.training.optim.param_groups
+        self.router.requires_grad_(self.stage == 1)
+        self.router_offset.requires_grad_(self.stage == 1)
         self.scores: Tensor | None = None  # stage-1 scores of the last training forward, for aux_loss
         self.magnitude_keep: float | None = None  # training-free baseline: keep this fraction of experts by |h|
         self._index: dict[torch.device, tuple[Tensor, ...]] = {}  # decode gather indices per device
@@ -230,12 +228,11 @@ class LTEMLP(MLP):
     def infer(self, x: Tensor, on: Tensor) -> Tensor:
         """Hard routing with mask on (B, T, n): computes only selected experts (decode) or their union (several)."""
         B, T, C = x.shape
-        if B * T == 0:  # e.g. an empty SUBLLM stage
-            return x.new_zeros(x.shape)
         if B * T == 1:
             sel = on.view(-1).nonzero().view(-1)  # (k,) selected experts
-            self._count(T, 1, sel.numel(), sel.numel())
-            if self._experts is None and sel.numel() > self.DENSE_ABOVE * self.n:
+            dense = self._experts is None and sel.numel() > self.DENSE_ABOVE * self.n
+            self._count(T, 1, sel.numel(), self.n if dense else sel.numel())
+            if dense:
                 return self._scaled(x, on)  # most experts on: the whole FFN with a mask beats copying them out
             return self._decode(x.view(C), sel).view(1, 1, C)
         sel = on.flatten(0, 1).any(0).nonzero().view(-1)  # (k,) the union over the tokens: what is computed
@@ -292,8 +289,7 @@ class LTEMLP(MLP):
         neurons = torch.arange(self.n * self.E, device=device).view(self.n, self.E)  # (n, E)
         starts = torch.arange(0, self.n * C, C, device=device)  # (n,) gate/up bag offsets: C rows per expert
         every_e = torch.arange(0, self.n * self.E, self.E, device=device)  # (n,) down bag offsets: E rows each
-        # int32: half the bytes of the per-token index copy (rows[sel] is k * C entries)
-        self._index[device] = tuple(t.to(torch.int32) for t in (rows, neurons, starts, every_e))
+        self._index[device] = tuple(t.to(torch.int32) for t in (rows, neurons, starts, every_e))  # half int64's bytes
         return self._index[device]
 
     def _magnitude(self, x: Tensor) -> Tensor:
@@ -312,11 +308,11 @@ class LTEMLP(MLP):
         return torch.zeros(h.shape[:-1], dtype=torch.bool, device=h.device).scatter_(-1, top, True)
 
 
-def lte_layers(model: nn.Module) -> list[LTEMLP]:
-    return [m for m in model.modules() if isinstance(m, LTEMLP)]
+def lte_layers(model: Transformer) -> list[LTEMLP]:
+    return [b.mlp for b in model.layers if isinstance(b.mlp, LTEMLP)]
 
 
-def set_magnitude_routing(model: nn.Module, keep: float | None) -> None:
+def set_magnitude_routing(model: Transformer, keep: float | None) -> None:
     """Switch every LTE FFN to the training-free baseline (keep the top `keep` fraction of experts by |h|), or back."""
     for m in lte_layers(model):
         m.magnitude_keep = keep
@@ -341,7 +337,7 @@ class LTE(Method):
         if self.cfg.grouping == "activations" or self.cfg.router_init == "fitted":
             what = "grouping=activations" if self.cfg.grouping == "activations" else "router_init=fitted"
             raise LeanLMError(f"model.lte.{what} converts a trained dense model: set run.init to one")
-        init_routers(model, seed or 0)
+        init_routers(model, seed)
 
     def convert(self, model: Transformer, source: Transformer, seed: int, calibration: Tensor | None) -> None:
         """dense -> stage 1: group and permute every FFN, then initialise the routers. stage 1 -> stage 2: the same
@@ -359,7 +355,7 @@ class LTE(Method):
             raise LeanLMError("model.lte.stage=2 needs a stage-1 LTE model to start from (got one without LTE)")
         needs_text = new.grouping == "activations" or new.router_init == "fitted"
         if needs_text and calibration is None:
-            raise LeanLMError(
+            raise NeedsCalibration(
                 f"model.lte: grouping={new.grouping}, router_init={new.router_init} needs calibration text: convert "
                 "with `leanlm convert --calibrate DATA` or `leanlm train` (which uses its training text)"
             )
@@ -375,12 +371,18 @@ class LTE(Method):
             fit_routers(model, inputs, new.keep, new.refit_down, seed)
             model.lte_stage1_done.fill_(True)  # fitted routers count as trained: stage 2 may start from them
 
+    def lr_scales(self, model: Transformer) -> dict[str, float]:
+        params = (f"layers.{i}.mlp.{p}" for i in range(len(model.layers)) for p in ("router.weight", "router_offset"))
+        return dict.fromkeys(params, self.cfg.router_lr_scale)
+
     def set_step(self, model: Transformer, step: int) -> None:
-        if self.cfg.stage == 2 and not bool(model.lte_stage1_done):
-            raise LeanLMError(
-                "model.lte.stage=2 needs the routers of a stage-1 LTE checkpoint: set run.init to a stage-1 "
-                "checkpoint and add `model: {lte: {stage: 2}}` (stage 2 cannot start from untrained routers)"
-            )
+        if self.cfg.stage == 2 and not self.__dict__.get("_checked"):  # once: reading the flag waits for the device
+            if not bool(model.lte_stage1_done):
+                raise LeanLMError(
+                    "model.lte.stage=2 needs the routers of a stage-1 LTE checkpoint: set run.init to a stage-1 "
+                    "checkpoint and add `model: {lte: {stage: 2}}` (stage 2 cannot start from untrained routers)"
+                )
+            self._checked = True
         if self.cfg.stage == 1:
             model.lte_stage1_done.fill_(True)
 
@@ -506,9 +508,7 @@ def activation_grouping(model: Transformer, inputs: Tensor, expert_size: int) ->
     """Per layer of a dense model, each neuron's expert (F,), from what the neurons do on the FFN inputs (L, N, C).
     Each token's |h| = |SiLU(gate) * up| is split into per-neuron shares. Neurons are sorted by their mean share and
     cut into bands of BAND experts, so an expert's neurons are of a similar size (the oracle keeps or drops whole
-    experts, and a large neuron among small ones is dropped with them); inside a band, balanced k-means on the
-    neurons' share profiles over the tokens puts neurons that are large on the same tokens together.
-    """
+    experts); inside a band, balanced k-means on the share profiles puts neurons large on the same tokens together."""
     assigns = []
     for block, x in zip(model.layers, inputs):
         shares = []
@@ -527,11 +527,11 @@ def activation_grouping(model: Transformer, inputs: Tensor, expert_size: int) ->
 
 
 @torch.no_grad()
-def init_routers(model: nn.Module, seed: int) -> None:
+def init_routers(model: Transformer, seed: int | None) -> None:
     """Initialise new routers as the config says, after the grouped weights are in place. random: N(0,
     router_init_std); centroid (MoEfication-style): row e = the normalised mean of expert e's normalised gate rows,
     scaled to norm router_init_std. Offsets = router_init_bias. (fitted: `fit_routers` follows.)"""
-    gen = torch.Generator().manual_seed(seed + 7919)
+    gen = torch.Generator().manual_seed(seed + 7919) if seed is not None else None
     for m in lte_layers(model):
         if m.lte.router_init == "centroid":
             C = m.gate_up_proj.weight.shape[1]

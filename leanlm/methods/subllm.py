@@ -193,7 +193,6 @@ class Stage(nn.Module):
     def __init__(self, dim: int, sub: SubLLMConfig):
         super().__init__()
         self.scorer = nn.Linear(dim, 1, bias=False)
-        self.scorer.weight.lr_scale = sub.scorer_lr_scale  # read by leanlm.training.optim.param_groups
         self.bypass_scale = nn.Parameter(torch.full((dim,), sub.bypass_init))
 
 
@@ -273,7 +272,6 @@ class SubLLM(Method, TokenRouter):
         self.step = 0
         self.model: Transformer | None = None
         self.stages: nn.ModuleList | None = None
-        self._bounds = balancer_bounds(cfg)
         self._stats: list[dict[str, Tensor]] = [{} for _ in range(n_stages)]
         # (kept, seen) per stage since reset_stats, for prefills (several tokens per row) and decode steps (one)
         self.counts = {kind: np.zeros((n_stages, 2)) for kind in ("prefill", "decode")}
@@ -303,8 +301,10 @@ class SubLLM(Method, TokenRouter):
             st.scorer.weight.copy_(torch.rand(st.scorer.weight.shape, generator=gen) * 2 * bound - bound)
             st.bypass_scale.fill_(self.cfg.bypass_init)
 
-    def set_step(self, model: Transformer, step: int) -> None:
-        """The optimizer step, read by the balancer-probability and bypass-bound schedules."""
+    def lr_scales(self, model: Transformer) -> dict[str, float]:
+        return {f"stages.{j}.scorer.weight": self.cfg.scorer_lr_scale for j in range(len(self.parent))}
+
+    def set_step(self, model: Transformer, step: int) -> None:  # read by the balancer and bypass-bound schedules
         self.step = step
 
     def train_metrics(self, model: Transformer) -> dict[str, float]:
@@ -325,7 +325,8 @@ class SubLLM(Method, TokenRouter):
         return {"subllm.threshold": calibrate_thresholds(self, batches)}
 
     def reset_stats(self, model: Transformer) -> None:
-        self.counts = {kind: np.zeros_like(c) for kind, c in self.counts.items()}
+        for c in self.counts.values():
+            c.fill(0)
 
     def retention(self, kind: str) -> list[float] | None:
         """Per stage, the fraction kept of the tokens reaching it in prefills or decode steps since reset_stats."""
@@ -406,7 +407,7 @@ class SubLLM(Method, TokenRouter):
         k = topk_length(T, self.cfg.keep)
         p = linear_schedule(self.cfg.balancer_prob, self.cfg.balancer_steps, self.step)
         if self.model.training and torch.is_grad_enabled() and random.random() < p:
-            s = balance(s, self._bounds, self.cfg.balancer_grad_scale)
+            s = balance(s, balancer_bounds(self.cfg), self.cfg.balancer_grad_scale)
         s_sorted, order = s.sort(dim=1, descending=True)  # (B, T)
         clamped = s_sorted.clamp(0, 1)
         # pair the i-th best kept token with the i-th best discarded one (icefall): any positive discarded score

@@ -100,7 +100,7 @@ class TrainConfig:
     # with run.init, a model section holding only method keys (e.g. `subllm`) adds those methods to the init model
     add_methods: dict | None = None
     distill: DistillConfig | None = None  # knowledge distillation from a teacher model
-    methods: dict[str, Any] = field(default_factory=dict)  # training methods' sections (e.g. ltd), by name
+    train_methods: dict[str, Any] = field(default_factory=dict)  # training methods' sections (e.g. ltd), by name
 
     def to_dict(self) -> dict:
         model = self.model.to_dict() if self.model is not None else self.add_methods
@@ -110,7 +110,7 @@ class TrainConfig:
             "optim": dataclasses.asdict(self.optim),
             "run": dataclasses.asdict(self.run),
             **({"distill": dataclasses.asdict(self.distill)} if self.distill is not None else {}),
-            **{name: dataclasses.asdict(section) for name, section in self.methods.items()},
+            **{name: dataclasses.asdict(section) for name, section in self.train_methods.items()},
         }
 
 
@@ -133,14 +133,14 @@ def config_from_dict(raw: dict) -> TrainConfig:
     unknown = [k for k in raw if k not in section_keys()]
     if unknown:
         raise LeanLMError(f"unknown section {unknown[0]!r} (allowed: {', '.join(section_keys())})")
-    parts: dict[str, Any] = {"model": None, "methods": {}}
+    parts: dict[str, Any] = {"model": None, "train_methods": {}}
     for section, cls in sections().items():
         optional = section == "distill" or section in names("train")
         if optional and raw.get(section) is None:
             continue
         part = build_dataclass(cls, raw.get(section) or {}, section)
         if section in names("train"):
-            parts["methods"][section] = part
+            parts["train_methods"][section] = part
         else:
             parts[section] = part
     model = raw.get("model") or {}

@@ -33,9 +33,10 @@ import leanlm.training.distributed as distributed
 import leanlm.training.state as state
 from leanlm.checkpoint import load_model, save_checkpoint
 from leanlm.config import model_config
-from leanlm.data import BatchIterator, TokenDataset, calibration_windows, prepare, spread_batches
+from leanlm.data import CALIBRATION_LEN, BatchIterator, TokenDataset, calibration_windows, prepare, spread_batches
 from leanlm.errors import LeanLMError
-from leanlm.methods import REGISTRY, Method, add_methods, build_model, check_compatible, install
+from leanlm.methods import REGISTRY, add_methods, build_model, check_compatible, install
+from leanlm.methods.base import NeedsCalibration
 from leanlm.model import ModelConfig, Transformer
 from leanlm.tokenizer import Tokenizer
 from leanlm.training.config import TrainConfig
@@ -43,7 +44,7 @@ from leanlm.training.distill import distill_loss, load_teacher
 from leanlm.training.metrics import MetricsLog, plot_losses, validation_loss
 from leanlm.training.optim import LayerTokens, build_optimizer, schedule_lr, schedule_lr_layer_tokens
 
-CALIBRATION_WINDOWS, CALIBRATION_LEN = 64, 512  # training text a conversion may calibrate on: 32k tokens
+CALIBRATION_WINDOWS = 64  # windows of training text a conversion may calibrate on: 32k tokens
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -66,20 +67,20 @@ def train(cfg: TrainConfig) -> dict:
         tokens_per_step = run.batch_size * run.seq_len * run.grad_accum
         budget = run.layer_token_budget
         dense_steps = -(-budget // tokens_per_step) if budget is not None else run.steps  # ceil
-        methods = [REGISTRY[name](section) for name, section in cfg.methods.items()]
+        methods = [REGISTRY[name](section) for name, section in cfg.train_methods.items()]
         check_compatible(target, methods)
         for m in methods:
             m.setup_run(target, run.seq_len, dense_steps)
+        model = _convert(model, target, run, note)  # unless it calibrates on the training text: then after the data
         teacher = load_teacher(cfg.distill, target.vocab_size, run.seq_len, d.device) if cfg.distill else None
 
-        # ---- data, then the conversion that may calibrate on it ------------------------------------------------------
+        # ---- data ----------------------------------------------------------------------------------------------------
         train_data, val_data, tokenizer = _data(cfg, target, init_tok, d, note)
-        if target != model.cfg:
-            rows = calibration_windows(train_data.tokens, CALIBRATION_WINDOWS, min(CALIBRATION_LEN, target.max_seq_len))
-            model = add_methods(model, target, seed=run.seed, calibration=rows)
-            note(f"note: run.init={run.init}: converted into {target.arch}")
+        model = _convert(model, target, run, note, train_data)
         install(model, methods)
-        layer_tokens = LayerTokens(model, run.seq_len, run.batch_size * run.grad_accum)
+        # LayerTokens: the tokens each block sees under a training method's router (random-LTD), else every token
+        router = next((r for m in methods if (r := m.token_router()) is not None), None)
+        layer_tokens = LayerTokens(model.cfg.n_layers, run.seq_len, run.batch_size * run.grad_accum, router)
         if budget is not None:
             run = dataclasses.replace(run, steps=layer_tokens.steps_for(budget))
             note(f"note: run.layer_token_budget={budget}: {run.steps} optimizer steps")
@@ -92,7 +93,7 @@ def train(cfg: TrainConfig) -> dict:
         # ---- optimizer: after wrapping, since FSDP replaces the parameters with shards -------------------------------
         raw = model.float().to(d.device)
         model = distributed.wrap(raw, strategy, d)
-        optimizer = build_optimizer(model, cfg.optim)
+        optimizer = build_optimizer(raw, cfg.optim)
         params = [p for p in model.parameters() if p.requires_grad]
         step, tokens, last_loss = _resume(resumed, model, optimizer, batches, note)
         consumed = layer_tokens.total(step)  # LayerTokens so far: a function of the step
@@ -164,7 +165,7 @@ def train(cfg: TrainConfig) -> dict:
                 bar.set_postfix_str(f"loss {loss:.3f} lr {lr:.2e} {tps:,.0f} tok/s{val}", refresh=False)
             bar.update(1)
             if run.save_every and (is_last or step % run.save_every == 0):
-                _save_step(out, model, raw, tokenizer, optimizer, batches, cfg, d, step, tokens, last_loss)
+                _save_step(out, model, tokenizer, optimizer, batches, cfg, d, step, tokens, last_loss)
         bar.close()
 
         # ---- final save: weights + config + tokenizer for eval/generate/bench ----------------------------------------
@@ -244,7 +245,8 @@ def _load(cfg: TrainConfig, resumed: dict | None, note: Any) -> tuple[Transforme
     elif cfg.model is not None and cfg.model.backbone() == model.cfg.backbone():
         # a whole model section on the init's backbone, e.g. the config.yaml an LTE stage-1 run saved: its methods
         # apply as a methods-only section's would, so re-running a saved config repeats the run
-        target = model.cfg.replace(methods={**model.cfg.methods, **cfg.model.methods})
+        sections = {name: dataclasses.asdict(s) for name, s in cfg.model.methods.items()}
+        target = model_config({**model.cfg.to_dict(), **sections})  # the methods in the registry's order
     if cfg.model is not None and cfg.model != target:
         note(f"note: run.init={run.init}: the model section is ignored, the architecture is the init model's")
     return model, tok, target
@@ -318,6 +320,24 @@ def _accumulate(
     return tuple((sums / n).tolist())
 
 
+def _convert(model: Transformer, target: ModelConfig, run: Any, note: Any, data: TokenDataset | None = None):
+    """`model` converted into `target` (run.init with method sections). Before the data is prepared (`data` None),
+    so that its errors come first, unless a method calibrates the conversion on text: then on the training split."""
+    if target == model.cfg:
+        return model
+    rows = None
+    if data is not None:
+        rows = calibration_windows(data.tokens, CALIBRATION_WINDOWS, min(CALIBRATION_LEN, target.max_seq_len), run.seed)
+    try:
+        new = add_methods(model, target, seed=run.seed, calibration=rows)
+    except NeedsCalibration:
+        if data is not None:
+            raise
+        return model  # converted once the data is there
+    note(f"note: run.init={run.init}: converted into {target.arch}")
+    return new
+
+
 def _lr(cfg: TrainConfig, step: int, consumed: float, total: float) -> float:
     """This step's learning rate: the schedule at the step, or (LayerToken LR) at the layer-averaged tokens consumed
     so far out of `total`, counted in dense steps."""
@@ -346,8 +366,10 @@ def _calibrate(model: Transformer, batches: list[Tensor]) -> dict[str, Any]:
     return out
 
 
-def _save_step(out: Path, model, raw, tokenizer, optimizer, batches, cfg, d, step: int, tokens: int, loss) -> None:
-    """A step checkpoint with everything an exact resume needs (a collective under FSDP: every rank calls it)."""
+def _save_step(out: Path, model, tokenizer, optimizer, batches, cfg, d, step: int, tokens: int, loss) -> None:
+    """A step checkpoint with everything an exact resume needs (a collective under FSDP: every rank calls it). Its
+    model config is the configured one: what calibration sets is redone before every validation, and a resume
+    compares configs."""
     if not _weights_finite(model, d):
         raise LeanLMError(f"step {step}: the weights are no longer finite; not saving a checkpoint")
     trainer_state = {
@@ -361,7 +383,7 @@ def _save_step(out: Path, model, raw, tokenizer, optimizer, batches, cfg, d, ste
         "world_size": d.world_size,
         "config": cfg.to_dict(),
     }
-    full = _model_for_saving(model, raw.cfg, d)
+    full = _model_for_saving(model, cfg.model, d)
     if d.is_main:
         state.save_training_checkpoint(out / f"step-{step:08d}", full, tokenizer, trainer_state)
         state.prune(out, cfg.run.keep_last)
@@ -405,4 +427,4 @@ def _load_weights(model: nn.Module, weights: dict[str, Tensor], where: str) -> N
     model.load_state_dict(weights, strict=False)
 
 
-__all__ = ["train", "Method"]
+__all__ = ["train"]

@@ -23,10 +23,9 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from leanlm.errors import LeanLMError
-from leanlm.model import Transformer
+from leanlm.model import TokenRouter, Transformer
 
 SCHEDULES = ("cosine", "wsd", "constant")
 LR_INDEXES = ("steps", "layer_tokens")
@@ -130,44 +129,46 @@ def schedule_lr_layer_tokens(consumed: float, total: float, tokens_per_step: int
     return schedule_lr(consumed / tokens_per_step, cfg, total / tokens_per_step)  # type: ignore[arg-type]
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: >= 2-D parameters with `weight_decay`, the rest without. A parameter with an `lr_scale`
-    attribute (e.g. SUBLLM's scorers, 0.5) goes to a group whose `lr_scale` the training loop multiplies the
-    scheduled learning rate by."""
+def param_groups(model: Transformer, weight_decay: float) -> list[dict]:
+    """AdamW groups: >= 2-D parameters with `weight_decay`, the rest without. A parameter a method asks to learn at a
+    multiple of the base rate (`Method.lr_scales`, e.g. SUBLLM's scorers at 0.5) goes to a group whose `lr_scale` the
+    training loop multiplies the scheduled learning rate by."""
+    scales = {name: s for m in model.methods for name, s in m.lr_scales(model).items()}
     groups: dict[tuple[bool, float], list] = {}
-    for p in model.parameters():  # parameters() yields a tied weight once
+    for name, p in model.named_parameters():  # a tied weight once
         if p.requires_grad:
-            groups.setdefault((p.dim() >= 2, getattr(p, "lr_scale", 1.0)), []).append(p)
+            groups.setdefault((p.dim() >= 2, scales.get(name, 1.0)), []).append(p)
     return [
         {"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
         for (decay, scale), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1] != 1.0))
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over `param_groups(model)`. Build it after wrapping the model for DDP/FSDP: FSDP replaces parameters."""
+def build_optimizer(model: Transformer, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over `param_groups(model)`. Build it after wrapping the model for DDP/FSDP (FSDP replaces its
+    parameters in place): `model` is the unwrapped module."""
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
 class LayerTokens:
-    """LayerTokens (one token through one layer) of each optimizer step of a run, dense or not: the model's token
-    router says how many tokens each block runs at a step (`TokenRouter.flow`), without one every block runs the
-    whole window. `at(step) / n_layers` is the layer-averaged count Megatron-DeepSpeed logs as "consumed tokens";
+    """LayerTokens (one token through one layer) of each optimizer step of a run: a training method's token router
+    (random-LTD) says how many tokens each block runs at a step (`TokenRouter.flow`); without one, every block runs
+    the whole window. `at(step) / n_layers` is the layer-averaged count Megatron-DeepSpeed logs as "consumed tokens";
     for a dense run, simply the tokens of the step."""
 
-    def __init__(self, model: Transformer, seq_len: int, samples: int):
-        self.model, self.n, self.samples = model, seq_len, samples  # samples: windows per optimizer step
+    def __init__(self, n_layers: int, seq_len: int, samples: int, router: TokenRouter | None = None):
+        self.n_layers, self.n, self.samples, self.router = n_layers, seq_len, samples, router  # samples: per step
 
     def at(self, step: int) -> int:
-        flow = self.model.router.flow("train", self.n, step) if self.model.router is not None else None
-        return self.samples * round(sum(flow[0]) if flow else self.n * self.model.cfg.n_layers)
+        flow = self.router.flow("train", self.n, step) if self.router is not None else None
+        return self.samples * round(sum(flow[0]) if flow else self.n * self.n_layers)
 
     def total(self, steps: int) -> int:
         return sum(self.at(t) for t in range(steps))
 
     def steps_for(self, budget: int) -> int:
         """Optimizer steps until at least `budget` layer-averaged tokens are consumed (the last may overshoot)."""
-        target, consumed, step = budget * self.model.cfg.n_layers, 0, 0
+        target, consumed, step = budget * self.n_layers, 0, 0
         while consumed < target:
             consumed += self.at(step)
             step += 1
