@@ -35,10 +35,10 @@ from leanlm.measure import (
     TrainStep,
     decode,
     machine,
-    measure,
     prefill,
     reports,
     reset_stats,
+    runs_in_turn,
     summarize,
 )
 from leanlm.model import DTYPES, PASSES, Transformer
@@ -163,17 +163,7 @@ def run_bench(
             else:
                 runners[k] = lambda m=m: decode(m, batch_size, prompt_len, new_tokens, tokens, kernel=kernel)
         try:
-            for _ in range(warmup):
-                for run in runners.values():
-                    run()
-            tps: dict[str, list[float]] = {k: [] for k in runners}
-            mem: dict[str, list[int]] = {k: [] for k in runners}
-            for r in range(repeats):
-                for k in list(runners) if r % 2 == 0 else list(runners)[::-1]:
-                    rate, peak = measure(runners[k], dev)
-                    tps[k].append(rate)
-                    if peak is not None:
-                        mem[k].append(peak)
+            tps, mem = runs_in_turn(runners, repeats, dev, warmup)
         finally:
             for run in runners.values():
                 if isinstance(run, TrainStep):

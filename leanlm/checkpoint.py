@@ -17,11 +17,11 @@ from safetensors.torch import load_file, save_file
 
 from leanlm import hf
 from leanlm.config import PRESETS, PRETRAINED_PRESETS, apply_overrides, merge_preset, model_config, model_keys, preset
-from leanlm.data import CALIBRATION_LEN, TokenDataset, calibration_windows, load_tokenizer_ref, text_file
+from leanlm.data import CALIBRATION_LEN, TokenDataset, calibration_windows, model_tokenizer, text_file
 from leanlm.errors import LeanLMError
 from leanlm.evaluate import tokenize_files
 from leanlm.io import atomic_dir, read_json
-from leanlm.methods import add_methods, build_model, names
+from leanlm.methods import add_methods, build_model, calibrate_methods, names
 from leanlm.model import Transformer, torch_dtype
 from leanlm.tokenizer import Tokenizer
 
@@ -188,19 +188,14 @@ def convert(
         data.check_vocab(target.vocab_size)
         ids = data.tokens
     elif calibrate is not None:
-        tok = load_tokenizer_ref(tokenizer) if tokenizer else tok
-        if tok is None:
-            raise LeanLMError(f"--calibrate: {src} comes without a tokenizer: pass --tokenizer PATH")
+        tok = model_tokenizer(tok, src, tokenizer)
         ids = tokenize_files(tok, [text_file(calibrate)])[0]
     if calibrate is not None:
         seq = min(CALIBRATION_LEN, target.max_seq_len)
         rows = calibration_windows(ids, max(1, calibrate_tokens // seq), seq, seed=seed)  # (S, T)
     if target != model.cfg:
         model = add_methods(model, target, seed=seed, calibration=rows)
-    calibrated: dict = {}
-    if rows is not None:
-        for m in model.methods:
-            calibrated.update(m.calibrate(model, list(rows.split(4))))
+    calibrated = calibrate_methods(model, list(rows.split(4))) if rows is not None else {}
     model = model.to(torch_dtype(out_dtype)).eval()
     model.cfg = model.cfg.replace(dtype=out_dtype)
     if to == "hf":

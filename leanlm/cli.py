@@ -64,16 +64,6 @@ def _flags(fn: Callable, args: argparse.Namespace, **given: Any) -> dict:
     return {**{k: v for k, v in vars(args).items() if k in names}, **given}
 
 
-def _tokenizer_for(args, tok, ref: str):
-    if args.tokenizer:
-        from leanlm.data import load_tokenizer_ref
-
-        return load_tokenizer_ref(args.tokenizer)
-    if tok is None:
-        raise LeanLMError(f"model {ref!r} comes without a tokenizer: pass --tokenizer PATH")
-    return tok
-
-
 def _tokenizer_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="tokenizer to use instead of the model's (tokenizer.json, directory, .gguf)")
 
@@ -88,6 +78,7 @@ def _set_arg(p: argparse.ArgumentParser, metavar: str, help: str) -> None:
 
 def cmd_generate(args) -> dict:
     from leanlm.checkpoint import check_tokenizer_fits, load_model, model_overrides
+    from leanlm.data import model_tokenizer
     from leanlm.generate import TextStreamer, generate
 
     prompts = list(args.prompt or [])
@@ -99,7 +90,7 @@ def cmd_generate(args) -> dict:
     if not prompts:
         raise LeanLMError("no prompt: pass --prompt TEXT (repeatable) or --prompt-file FILE")
     model, tok = load_model(args.model, dtype=args.dtype, overrides=model_overrides(args.sets))
-    tok = _tokenizer_for(args, tok, args.model)
+    tok = model_tokenizer(tok, args.model, args.tokenizer)
     check_tokenizer_fits(tok, model.cfg.vocab_size)
     texts = [tok.apply_chat_template([{"role": "user", "content": p}]) if args.chat else p for p in prompts]
     ids = [tok.encode(t) for t in texts]
@@ -135,13 +126,13 @@ def cmd_generate(args) -> dict:
 
 def cmd_eval(args) -> dict:
     from leanlm.checkpoint import check_tokenizer_fits, load_model, model_overrides
-    from leanlm.data import text_file
+    from leanlm.data import model_tokenizer, text_file
     from leanlm.evaluate import evaluate
     from leanlm.measure import reports
 
     files = [text_file(d) for d in args.data]  # fail on a bad path before spending seconds loading the model
     model, tok = load_model(args.model, dtype=args.dtype, overrides=model_overrides(args.sets))
-    tok = _tokenizer_for(args, tok, args.model)
+    tok = model_tokenizer(tok, args.model, args.tokenizer)
     check_tokenizer_fits(tok, model.cfg.vocab_size)
     res = evaluate(**_flags(evaluate, args, model=model, tokenizer=tok, paths=files, progress=not args.json))
     # what the methods did on this text, e.g. LTE's FFN sparsity, SUBLLM's retention

@@ -183,6 +183,15 @@ def load_tokenizer_ref(ref: str | Path) -> Tokenizer:
         raise LeanLMError(f"{files[0]}: cannot read a tokenizer from this GGUF file ({str(e)[:120]})") from None
 
 
+def model_tokenizer(tok: Tokenizer | None, ref: str, override: str | Path | None = None) -> Tokenizer:
+    """The tokenizer to use with model `ref`: `override` (a `--tokenizer` reference) if given, else its own `tok`."""
+    if override:
+        return load_tokenizer_ref(override)
+    if tok is None:
+        raise LeanLMError(f"model {ref!r} comes without a tokenizer: pass --tokenizer PATH")
+    return tok
+
+
 def train_tokenizer(
     texts: Iterator[str], vocab_size: int, n_texts: int | None = None, progress: bool = False
 ) -> Tokenizer:

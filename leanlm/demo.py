@@ -38,8 +38,8 @@ from leanlm.data import TokenDataset, prepare, spread_batches, text_file
 from leanlm.errors import LeanLMError
 from leanlm.evaluate import evaluate
 from leanlm.kernels import cpp_kernels
-from leanlm.measure import TrainStep, decode_text_in_turn, measure, reports, reset_stats, summarize
-from leanlm.methods import install
+from leanlm.measure import TrainStep, decode_text_in_turn, reports, reset_stats, runs_in_turn, summarize
+from leanlm.methods import calibrate_methods, install
 from leanlm.methods.ltd import LTDConfig, RandomLTD
 from leanlm.model import Transformer
 from leanlm.training import train
@@ -128,12 +128,7 @@ def _train_speed(models: dict[str, Transformer], seq_len: int, repeats: int) -> 
     speed-up over "dense" per round, and the executed FLOPs per token."""
     steps = {name: TrainStep(m, 1, seq_len) for name, m in models.items()}
     try:
-        for step in steps.values():  # warmup: creates the optimizer state
-            step()
-        tps: dict[str, list[float]] = {name: [] for name in steps}
-        for r in range(repeats):
-            for name in list(steps) if r % 2 == 0 else list(steps)[::-1]:
-                tps[name].append(measure(steps[name], torch.device("cpu"))[0])
+        tps = runs_in_turn(steps, repeats, torch.device("cpu"), warmup=1)[0]  # warmup: creates the optimizer state
     finally:
         for step in steps.values():
             step.close()
@@ -282,7 +277,7 @@ def run_demo(out: str | Path = "demo", quick: bool = False, progress: bool = Tru
     if size.speed_presets is not None:  # random-init: calibrate its thresholds on the text, as training would
         sub = models["subllm"]
         batches = spread_batches(val, 1, size.prompt_len, 4)
-        thresholds = {k: v for m in sub.methods for k, v in m.calibrate(sub, batches).items()}["subllm.threshold"]
+        thresholds = calibrate_methods(sub, batches)["subllm.threshold"]
         overrides = {"subllm": {"threshold": thresholds}}
     say(f"timing SUBLLM prefill of {size.prompt_len} tokens and decode of held-out text ({kernel} kernels)")
     prefill = run_bench(

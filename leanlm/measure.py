@@ -236,6 +236,10 @@ def decode(
     cache_dtype: torch.dtype | None = None,
     kernel: str = "torch",
 ) -> tuple[int, float]:
+    """Greedy decode of `new_tokens` per row after a prompt: (tokens, seconds) after the first new token
+    (DEFINITIONS["decode"]). `cache_dtype`: a leanlm model's KV cache dtype (default: its parameters')."""
+    if new_tokens < 2:
+        raise LeanLMError(f"decode needs at least 2 new tokens to time the steps after the first (got {new_tokens})")
     x = (tokens or Tokens())(model, batch, prompt_len)  # (B, P)
     if isinstance(model, Transformer):
         res = generate(model, x.tolist(), max_new_tokens=new_tokens, stop_ids=(), dtype=cache_dtype, kernel=kernel)
@@ -266,40 +270,24 @@ def measure(run: Callable[[], tuple[int, float]], device: torch.device) -> tuple
     return n / seconds, mem.bytes
 
 
-def bench_train_step(model: nn.Module, batch: int, seq_len: int, steps: int, warmup: int = 1) -> dict:
-    """Tokens/s of `steps` training steps (after `warmup` untimed ones) and their peak extra memory.
-
-    Returns {"tokens_per_s": [per step], "peak_mem_bytes": max over steps, or None}. The peak excludes the weights
-    and the optimizer state, which exist before a measured step starts (the warmup step creates the AdamW state).
-    """
-    step = TrainStep(model, batch, seq_len)
-    try:
-        for _ in range(warmup):
-            step()
-        samples = [measure(step, device_of(model)) for _ in range(steps)]
-    finally:
-        step.close()
-    mems = [m for _, m in samples if m is not None]
-    return {"tokens_per_s": [t for t, _ in samples], "peak_mem_bytes": max(mems) if mems else None}
-
-
-def bench_prefill(model: nn.Module, batch: int, prompt_len: int) -> dict:
-    """Tokens/s of one prompt forward with a KV cache: {"tokens_per_s", "peak_mem_bytes"}."""
-    tps, mem = measure(lambda: prefill(model, batch, prompt_len), device_of(model))
-    return {"tokens_per_s": tps, "peak_mem_bytes": mem}
-
-
-def bench_decode(
-    model: nn.Module, batch: int, prompt_len: int, new_tokens: int, dtype: torch.dtype | None = None
-) -> dict:
-    """Greedy decode tokens/s after the first new token (see DEFINITIONS["decode"]): {"tokens_per_s", "peak_mem_bytes"}.
-
-    `dtype` is the KV cache dtype of a leanlm model (default: its parameters'); transformers models keep their own.
-    """
-    if new_tokens < 2:
-        raise LeanLMError(f"decode needs at least 2 new tokens to time the steps after the first (got {new_tokens})")
-    tps, mem = measure(lambda: decode(model, batch, prompt_len, new_tokens, cache_dtype=dtype), device_of(model))
-    return {"tokens_per_s": tps, "peak_mem_bytes": mem}
+def runs_in_turn(
+    runners: dict[str, Callable[[], tuple[int, float]]], repeats: int, device: torch.device, warmup: int = 1
+) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    """Every runner called once per repeat, the order flipping every repeat, so that slow drift (throttling, other
+    processes) favours none; after `warmup` untimed rounds. Returns per runner the tokens/s and the peak extra
+    memory (bytes; empty where it cannot be read) of each repeat."""
+    for _ in range(warmup):
+        for run in runners.values():
+            run()
+    tps: dict[str, list[float]] = {k: [] for k in runners}
+    mem: dict[str, list[int]] = {k: [] for k in runners}
+    for r in range(repeats):
+        for k in list(runners) if r % 2 == 0 else list(runners)[::-1]:
+            rate, peak = measure(runners[k], device)
+            tps[k].append(rate)
+            if peak is not None:
+                mem[k].append(peak)
+    return tps, mem
 
 
 @torch.inference_mode()

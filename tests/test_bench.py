@@ -11,7 +11,7 @@ from leanlm import bench, measure
 from leanlm.bench import format_table, run_bench
 from leanlm.checkpoint import load_model
 from leanlm.errors import LeanLMError
-from leanlm.measure import PeakMemory, bench_decode, bench_prefill, bench_train_step
+from leanlm.measure import PeakMemory, TrainStep
 
 SMALL = dict(seq_len=32, prompt_len=8, new_tokens=4, repeats=2, warmup=1)
 
@@ -84,21 +84,31 @@ def test_vs_hf():
     assert "A/B median" in table and "train" in table and "decode" in table
 
 
+def _train_steps(model, batch: int, seq_len: int, steps: int) -> list[tuple[float, int | None]]:
+    step = TrainStep(model, batch, seq_len)
+    try:
+        step()  # warmup: creates the AdamW state
+        return [measure.measure(step, torch.device("cpu")) for _ in range(steps)]
+    finally:
+        step.close()
+
+
 def test_train_step(tiny):
-    r = bench_train_step(tiny, batch=2, seq_len=16, steps=2)
-    assert len(r["tokens_per_s"]) == 2 and all(t > 0 for t in r["tokens_per_s"])
-    assert r["peak_mem_bytes"] >= 0
+    r = _train_steps(tiny, batch=2, seq_len=16, steps=2)
+    assert len(r) == 2 and all(t > 0 for t, _ in r)
+    assert all(m >= 0 for _, m in r)
     assert not tiny.training and all(p.grad is None for p in tiny.parameters())
 
 
 def test_prefill_and_decode(tiny):
-    p = bench_prefill(tiny, batch=2, prompt_len=8)
-    d = bench_decode(tiny, batch=2, prompt_len=8, new_tokens=4)
-    for r in (p, d):
-        assert r["tokens_per_s"] > 0 and r["peak_mem_bytes"] >= 0
+    cpu = torch.device("cpu")
+    p = measure.measure(lambda: measure.prefill(tiny, 2, 8), cpu)
+    d = measure.measure(lambda: measure.decode(tiny, 2, 8, 4), cpu)
+    for tps, mem in (p, d):
+        assert tps > 0 and mem >= 0
     assert tiny.caches is None
     with pytest.raises(LeanLMError, match="at least 2 new tokens"):
-        bench_decode(tiny, batch=1, prompt_len=8, new_tokens=1)
+        measure.decode(tiny, batch=1, prompt_len=8, new_tokens=1)
 
 
 def test_steps_in_turn_is_cached_decode_of_each_model():
@@ -130,7 +140,7 @@ def test_hf_runners_do_the_same_work(tiny):
     hf = to_hf_model(tiny)
     assert measure.decode(hf, 2, 8, 5)[0] == measure.decode(tiny, 2, 8, 5)[0] == 2 * 4
     assert measure.prefill(hf, 2, 8)[0] == measure.prefill(tiny, 2, 8)[0] == 16
-    assert bench_train_step(hf, batch=1, seq_len=16, steps=1)["tokens_per_s"][0] > 0
+    assert _train_steps(hf, batch=1, seq_len=16, steps=1)[0][0] > 0
 
 
 def test_peak_memory_sees_an_allocation():

@@ -673,6 +673,10 @@ def test_convert_cli_fits_routers_on_calibration_text(tmp_path, capsys, tiny_tok
     ]:
         one_line_exit_2(capsys, ["convert", str(src), str(tmp_path / "bad"), *argv], needle)
         assert not (tmp_path / "bad").exists()
+    # a preset has no tokenizer to read calibration text with
+    no_tok = ["convert", "tiny", str(tmp_path / "bad"), "--method", "lte", *calib]
+    one_line_exit_2(capsys, no_tok, "without a tokenizer")
+    assert not (tmp_path / "bad").exists()
 
 
 def force_routers(model: Transformer, pick) -> None:

@@ -12,6 +12,7 @@ examples: SUBLLM (a token router), random-LTD (a token router used only in train
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor
 
@@ -68,6 +69,14 @@ def install(model: Transformer, methods: Sequence[Method]) -> None:
         model.methods = (*model.methods, m)
 
 
+def calibrate_methods(model: Transformer, batches: list[Tensor]) -> dict[str, Any]:
+    """Every method's explicit calibration step on token batches (`Method.calibrate`): what each set, by key."""
+    out: dict[str, Any] = {}
+    for m in model.methods:
+        out.update(m.calibrate(model, batches))
+    return out
+
+
 def add_methods(source: Transformer, cfg: ModelConfig, seed: int = 0, calibration: Tensor | None = None) -> Transformer:
     """Turn a trained model into the architecture `cfg` describes: the same backbone weights, the methods' new parts
     made by each method (`Method.convert`), e.g. a pretrained LLaMA uptrained into a SUBLLM, or grouped into LTE's
@@ -86,4 +95,13 @@ def add_methods(source: Transformer, cfg: ModelConfig, seed: int = 0, calibratio
     return new.to(next(source.parameters()).dtype)
 
 
-__all__ = ["REGISTRY", "Method", "add_methods", "build_model", "check_compatible", "install", "names"]
+__all__ = [
+    "REGISTRY",
+    "Method",
+    "add_methods",
+    "build_model",
+    "calibrate_methods",
+    "check_compatible",
+    "install",
+    "names",
+]

@@ -124,7 +124,7 @@ class RandomLTD(Method, TokenRouter):
         if c.r_min > seq_len:
             raise LeanLMError(f"ltd.r_min={c.r_min} is larger than the sequence (run.seq_len={seq_len})")
         exempt = c.exempt_layers(model_cfg.n_layers)
-        self.n, self.schedule_steps = seq_len, c.schedule_steps or steps
+        self.schedule_steps = c.schedule_steps or steps
         if self.schedule_steps > steps:
             raise LeanLMError(
                 f"ltd.schedule_steps={self.schedule_steps} is longer than the run ({steps} optimizer steps)"

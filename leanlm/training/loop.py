@@ -35,7 +35,7 @@ from leanlm.checkpoint import load_model, save_checkpoint
 from leanlm.config import model_config
 from leanlm.data import CALIBRATION_LEN, BatchIterator, TokenDataset, calibration_windows, prepare, spread_batches
 from leanlm.errors import LeanLMError
-from leanlm.methods import REGISTRY, add_methods, build_model, check_compatible, install
+from leanlm.methods import REGISTRY, add_methods, build_model, calibrate_methods, check_compatible, install
 from leanlm.methods.base import NeedsCalibration
 from leanlm.model import ModelConfig, Transformer
 from leanlm.tokenizer import Tokenizer
@@ -114,7 +114,7 @@ def train(cfg: TrainConfig) -> dict:
             """An explicit calibration step (e.g. SUBLLM's thresholds, saved with the model), then the val loss."""
             m, n = distributed.unwrap(model), run.eval_batches * d.world_size
             with autocast():
-                for k, v in _calibrate(m, [x.to(d.device) for x in calibration]).items():
+                for k, v in calibrate_methods(m, [x.to(d.device) for x in calibration]).items():
                     note(f"step {step}: calibrated {k} = {v}")
             return validation_loss(m, val_data, local_batch, run.seq_len, n, d.device, autocast)
 
@@ -357,13 +357,6 @@ def _check_finite(step: int, objective: float, norm: float, out: Path) -> None:
             f"step {step + 1}: {what}; stopped without updating the weights (lower optim.lr?); "
             f"last checkpoint: {last[-1] if last else 'none'}"
         )
-
-
-def _calibrate(model: Transformer, batches: list[Tensor]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for m in model.methods:
-        out.update(m.calibrate(model, batches))
-    return out
 
 
 def _save_step(out: Path, model, tokenizer, optimizer, batches, cfg, d, step: int, tokens: int, loss) -> None:
