@@ -4,8 +4,9 @@
     result = run_bench("smollm2-135m", vs="hf", what=["prefill", "decode"], repeats=5)
     print(format_table(result))
 
-Variant A is `model`; variant B is `vs`: another model reference, or "hf" for a transformers LlamaForCausalLM sharing
-A's weights (leanlm.hf.to_hf_model). Every repeat measures A and B once each, back to back, and swaps who goes first
+Variant A is `model`; variant B is `vs`: another model reference, "hf" for a transformers LlamaForCausalLM sharing
+A's weights (leanlm.hf.to_hf_model), or "llama.cpp" for llama.cpp running A's GGUF file (leanlm.llamacpp). Every
+repeat measures A and B once each, back to back, and swaps who goes first
 on every other repeat so that slow drift (thermal throttling, other processes) does not favour one side. The speedup
 of A over B is computed per repeat, `A tokens/s / B tokens/s`, and reported as the median with min and max over
 repeats; absolute numbers are reported the same way, with every sample kept.
@@ -20,14 +21,16 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from leanlm.checkpoint import load_model
 from leanlm.errors import LeanLMError
-from leanlm.hf import to_hf_model
+from leanlm.hf import smollm2_gguf, to_hf_model
 from leanlm.kernels import check_kernel
+from leanlm.llamacpp import LlamaCpp
 from leanlm.measure import (
     DEFINITIONS,
     SEED,
@@ -42,6 +45,7 @@ from leanlm.measure import (
     summarize,
 )
 from leanlm.model import DTYPES, PASSES, Transformer
+from leanlm.quant import weight_bytes
 
 WHATS = PASSES  # what `leanlm bench --what` measures: the passes Transformer.flops counts
 
@@ -87,6 +91,15 @@ def flops(model: Transformer, what: str, seq_len: int, prompt_len: int, new_toke
     return model.flops(what, length)
 
 
+def gguf_of(ref: str) -> Path:
+    """The GGUF file a model reference loads from: a .gguf path, or the smollm2-135m preset's file."""
+    if ref == "smollm2-135m" and not Path(ref).exists():
+        return smollm2_gguf()
+    if ref.lower().endswith(".gguf") and Path(ref).is_file():
+        return Path(ref)
+    raise LeanLMError(f"--vs llama.cpp runs the same GGUF file in both: {ref} is not a .gguf file or smollm2-135m")
+
+
 def run_bench(
     model: str,
     vs: str | None = None,
@@ -97,7 +110,7 @@ def run_bench(
     new_tokens: int = 128,
     repeats: int = 5,
     warmup: int = 1,
-    dtype: str = "float32",
+    dtype: str | None = None,
     threads: int | None = None,
     device: str | None = None,
     text: str | None = None,
@@ -115,7 +128,7 @@ def run_bench(
     `overrides`: model config keys changed in A at load (checkpoint.model_overrides). `kernel`: the decode kernel of
     every leanlm variant (leanlm.kernels; transformers models keep their own).
     """
-    if dtype not in DTYPES:
+    if dtype is not None and dtype not in DTYPES:
         raise LeanLMError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     if threads is not None:
         if threads < 1:
@@ -126,10 +139,12 @@ def run_bench(
 
     _check_args(what, seq_len, batch_size, prompt_len, new_tokens, repeats, warmup)
     check_kernel(kernel)
-    model_a = load_model(model, dtype=dtype, overrides=overrides)[0].to(dev)
+    # dtype None: as stored (a GGUF in Q8_0/Q4_x packed); transformers needs A's weights in float
+    model_a = load_model(model, dtype=dtype or ("float32" if vs == "hf" else None), overrides=overrides)[0].to(dev)
     tokens = Tokens.from_data(text, model_a.cfg.vocab_size) if text else Tokens()
     _check_context(model_a, model, what, seq_len, prompt_len, new_tokens)
     variants = {"A": {"ref": model, "params": model_a.num_params(), "flops_per_token": {}}}
+    variants["A"]["weight_bytes"] = weight_bytes(model_a)
     models: dict[str, nn.Module] = {"A": model_a}
     if vs == "hf":
         if model_a.cfg.methods:
@@ -141,6 +156,21 @@ def run_bench(
             "ref": "hf",
             "description": "transformers LlamaForCausalLM sharing A's weights",
             "params": model_a.num_params(),
+            "weight_bytes": weight_bytes(model_a),
+            "flops_per_token": {},
+        }
+    elif vs == "llama.cpp":
+        if "train" in what or batch_size != 1 or dev.type != "cpu":
+            raise LeanLMError("--vs llama.cpp measures prefill and decode of one row on the CPU (--batch-size 1)")
+        path = gguf_of(model)
+        models["B"] = LlamaCpp(path, prompt_len + new_tokens + 8, torch.get_num_threads())
+        variants["B"] = {
+            "ref": "llama.cpp",
+            "description": f"llama.cpp (llama-cpp-python {models['B'].version}) on {path.name}, "
+            f"{models['B'].threads} threads, greedy",
+            "system_info": models["B"].system_info,
+            "params": model_a.num_params(),
+            "weight_bytes": path.stat().st_size,
             "flops_per_token": {},
         }
     elif vs is not None:
@@ -148,6 +178,7 @@ def run_bench(
         _check_context(model_b, vs, what, seq_len, prompt_len, new_tokens)
         models["B"] = model_b
         variants["B"] = {"ref": vs, "params": model_b.num_params(), "flops_per_token": {}}
+        variants["B"]["weight_bytes"] = weight_bytes(model_b)
 
     results = {}
     # training changes the weights: the inference measurements go first and see the model as loaded
@@ -192,7 +223,7 @@ def run_bench(
             "new_tokens": new_tokens,
             "repeats": repeats,
             "warmup": warmup,
-            "dtype": dtype,
+            "dtype": dtype or "as stored",
             "decode_kernel": kernel,
             "seed": SEED,
             "order": "A then B on even repeats, B then A on odd ones",
@@ -230,7 +261,10 @@ def format_table(result: dict) -> str:
     for k, v in variants.items():
         flops_s = ", ".join(f"{w} {f / 1e9:.3g}" for w, f in v["flops_per_token"].items())
         desc = f" ({v['description']})" if "description" in v else ""
-        lines.append(f"{k}: {v['ref']}{desc}: {v['params'] / 1e6:,.2f}M params; GFLOP/token: {flops_s}")
+        lines.append(
+            f"{k}: {v['ref']}{desc}: {v['params'] / 1e6:,.2f}M params, "
+            f"{v['weight_bytes'] / 1e6:,.1f} MB of weights; GFLOP/token: {flops_s}"
+        )
     has_b = "B" in variants
     header = ["what", "A tokens/s median [min, max]"]
     if has_b:

@@ -34,7 +34,9 @@ def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
         "--dtype",
         choices=DTYPE_CHOICES,
         default=None,
-        help="compute dtype of the weights (default: the checkpoint's, float32 for GGUF and presets)",
+        help="compute dtype of the weights (default: as stored: the checkpoint's; a GGUF's Q8_0/Q4_0/Q4_1 blocks stay "
+        "packed (smollm2-135m too), other GGUF types and random-init presets are float32); a float dtype dequantizes "
+        "a GGUF",
     )
     _set_arg(
         p,
@@ -44,14 +46,22 @@ def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     )
 
 
-def _kernel_arg(p: argparse.ArgumentParser) -> None:
+def _kernel_arg(p: argparse.ArgumentParser, default: str = "torch") -> None:
     p.add_argument(
         "--kernel",
-        choices=("torch", "cpp"),
-        default="torch",
-        help="one-token CPU decode steps (batch 1, float32): torch = pure PyTorch (default); cpp = fused C++ ops per "
-        "block and LTE FFN, built on first use (needs a C++ compiler and ninja)",
+        choices=("auto", "torch", "cpp") if default == "auto" else ("torch", "cpp"),
+        default=default,
+        help="one-token CPU decode steps (batch 1, float32 activations): torch = pure PyTorch; cpp = fused C++ ops "
+        "per block and LTE FFN reading float or packed weights, built on first use (needs a C++ compiler and ninja)"
+        + ("; auto = cpp for a CPU model where a C++ compiler and ninja exist, else torch" if default == "auto" else "")
+        + f" (default {default})",
     )
+
+
+def _calibrate_args(p: argparse.ArgumentParser, what: str, tokens: int) -> None:
+    where = "a file, a shipped text's name (e.g. wikitext-2-valid) or a prepared data directory (its training split)"
+    p.add_argument("--calibrate", metavar="TEXT", help=f"{what}: {where}")
+    p.add_argument("--calibrate-tokens", type=int, default=tokens, help=f"tokens of --calibrate (default {tokens})")
 
 
 def _json_arg(p: argparse.ArgumentParser) -> None:
@@ -80,6 +90,7 @@ def cmd_generate(args) -> dict:
     from leanlm.checkpoint import check_tokenizer_fits, load_model, model_overrides
     from leanlm.data import model_tokenizer
     from leanlm.generate import TextStreamer, generate
+    from leanlm.kernels import auto_kernel
 
     prompts = list(args.prompt or [])
     if args.prompt_file:
@@ -97,7 +108,9 @@ def cmd_generate(args) -> dict:
     stop = [] if args.ignore_eos else tok.stop_ids()
     # a single prompt streams its continuation to the terminal as it is generated
     streamer = TextStreamer(tok) if len(ids) == 1 and not args.json else None
-    res = generate(**_flags(generate, args, model=model, prompts=ids, stop_ids=stop, on_token=streamer))
+    # --dtype is the weights'; the cache follows the loaded model (dtype=None)
+    given = {"model": model, "prompts": ids, "stop_ids": stop, "on_token": streamer, "dtype": None}
+    res = generate(**_flags(generate, args, **given, kernel=auto_kernel(args.kernel, model)))
     if streamer:
         streamer.end()
     outputs = [tok.decode(t) for t in res.tokens]
@@ -129,6 +142,7 @@ def cmd_eval(args) -> dict:
     from leanlm.data import model_tokenizer, text_file
     from leanlm.evaluate import evaluate
     from leanlm.measure import reports
+    from leanlm.quant import weight_bytes
 
     files = [text_file(d) for d in args.data]  # fail on a bad path before spending seconds loading the model
     model, tok = load_model(args.model, dtype=args.dtype, overrides=model_overrides(args.sets))
@@ -136,7 +150,13 @@ def cmd_eval(args) -> dict:
     check_tokenizer_fits(tok, model.cfg.vocab_size)
     res = evaluate(**_flags(evaluate, args, model=model, tokenizer=tok, paths=files, progress=not args.json))
     # what the methods did on this text, e.g. LTE's FFN sparsity, SUBLLM's retention
-    res = {"model": args.model, "data": args.data, **res, "methods": reports(model)}
+    res = {
+        "model": args.model,
+        "data": args.data,
+        **res,
+        "methods": reports(model),
+        "weight_bytes": weight_bytes(model),
+    }
     if not args.json:
         print(f"protocol: {res['protocol']}")
         print(
@@ -153,7 +173,7 @@ def cmd_bench(args) -> dict:
     from leanlm.checkpoint import model_overrides
 
     what = [w.strip() for w in args.what.split(",") if w.strip()]  # checked by run_bench before loading
-    given = {"what": what, "dtype": args.dtype or "float32", "overrides": model_overrides(args.sets)}
+    given = {"what": what, "dtype": args.dtype, "overrides": model_overrides(args.sets)}
     res = run_bench(**_flags(run_bench, args, **given))
     if not args.json:
         print(format_table(res))
@@ -190,6 +210,21 @@ def cmd_convert(args) -> dict:
         for k, v in res["calibrated"].items():
             print(f"calibrated {k} = {v}")
         print(f"wrote {args.to} checkpoint {res['out']} ({res['arch']}, {res['params'] / 1e6:.1f}M parameters)")
+    return res
+
+
+def cmd_quantize(args) -> dict:
+    from leanlm.checkpoint import quantize
+
+    res = quantize(**_flags(quantize, args))
+    if not args.json:
+        for k, v in res["calibrated"].items():
+            print(f"calibrated {k} = {v}")
+        q = res["quant"]
+        print(
+            f"wrote {res['out']} ({res['arch']}: weights {q['format']}, head {q['head']}): "
+            f"{res['weight_bytes'] / 1e6:.1f} MB of weights, {res['weight_bytes_vs_float32']:.3f}x float32"
+        )
     return res
 
 
@@ -240,7 +275,7 @@ def _generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence tokens")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
     _tokenizer_arg(p)
-    _kernel_arg(p)
+    _kernel_arg(p, default="auto")
 
 
 def _eval_flags(p: argparse.ArgumentParser) -> None:
@@ -268,7 +303,13 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
 
 def _bench_flags(p: argparse.ArgumentParser) -> None:
     _model_args(p)
-    p.add_argument("--vs", default=None, metavar="REF|hf", help="second model/config to compare, or 'hf'")
+    p.add_argument(
+        "--vs",
+        default=None,
+        metavar="REF|hf|llama.cpp",
+        help="second model/config to compare; 'hf': transformers on A's weights; 'llama.cpp': llama.cpp on A's GGUF "
+        "file (needs llama-cpp-python: pip install 'leanlm[llamacpp]')",
+    )
     p.add_argument("--what", default="train,prefill,decode", help="comma list of train,prefill,decode (default all)")
     p.add_argument("--seq-len", type=int, default=2048, help="training-step sequence length (default 2048)")
     p.add_argument("--batch-size", type=int, default=1, help="batch size for every benchmark (default 1)")
@@ -337,14 +378,56 @@ def _convert_flags(p: argparse.ArgumentParser) -> None:
         "--method", dest="methods", action="append", default=[], metavar="NAME", help="add a method (repeatable)"
     )
     _set_arg(p, "model.KEY=VALUE", "set a model config key, e.g. model.lte.router_init=fitted (repeatable)")
-    p.add_argument(
-        "--calibrate",
-        metavar="TEXT",
-        help="text to convert and calibrate on: a file, a shipped text's name (e.g. wikitext-2-valid) or a prepared "
-        "data directory (its training split)",
-    )
-    p.add_argument("--calibrate-tokens", type=int, default=32768, help="tokens of --calibrate to use (default 32768)")
+    _calibrate_args(p, "text to convert and calibrate on", 32768)
     p.add_argument("--seed", type=int, default=0, help="seed of the new modules' initialisation (default 0)")
+    _tokenizer_arg(p)
+
+
+def _quantize_flags(p: argparse.ArgumentParser) -> None:
+    from leanlm.quant import FORMATS
+
+    p.add_argument(
+        "src",
+        help="what to quantize: preset, leanlm checkpoint (float, QAT-trained or quantized), HF "
+        "directory or .gguf file",
+    )
+    p.add_argument("out", help="output directory (a leanlm checkpoint, written atomically)")
+    p.add_argument(
+        "--method",
+        choices=FORMATS,
+        default="int8",
+        help="weight format of the blocks' linear layers: "
+        "int8 (per channel), int4 (group 32, scale + min), int6 (FlexQ), ternary (BitCPM) (default int8)",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="inputs per scale (0: per output channel; default: int8/int6 per channel, int4 32, ternary 64)",
+    )
+    p.add_argument(
+        "--head", choices=(*FORMATS, "float"), default=None, help="format of the embedding and lm head (default int8)"
+    )
+    p.add_argument(
+        "--head-group-size", type=int, default=None, metavar="N", help="the head's group size (default 0: per channel)"
+    )
+    p.add_argument(
+        "--act-bits",
+        type=int,
+        choices=(0, 6, 8),
+        default=0,
+        help="FlexQ: round every linear layer's input per token to 6 or 8 bits (default 0: float)",
+    )
+    p.add_argument(
+        "--act8-count",
+        type=int,
+        default=0,
+        metavar="K",
+        help="FlexQ's A8 fallback: with --act-bits 6, the K most sensitive layers on --calibrate keep 8 bits",
+    )
+    _calibrate_args(p, "text for FlexQ's layer ranking", 8192)
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     _tokenizer_arg(p)
 
 
@@ -373,7 +456,8 @@ VERBS: dict[str, tuple[Callable, Callable, str, str]] = {
         "peak memory, prefill tokens/s, decode tokens/s and peak memory. With --vs, a "
         "second model runs alternately in the same process and every metric is reported "
         "as a ratio with median and spread; --vs hf compares against transformers' "
-        "LlamaForCausalLM / generate on the same weights.",
+        "LlamaForCausalLM / generate on the same weights, --vs llama.cpp against llama.cpp on the same GGUF file "
+        "(same threads, prompt tokens and greedy decoding).",
     ),
     "prepare": (
         cmd_prepare,
@@ -410,6 +494,15 @@ VERBS: dict[str, tuple[Callable, Callable, str, str]] = {
         "from_pretrained and AutoTokenizer load. --method adds an efficiency method to a trained model (e.g. lte: "
         "its FFNs grouped into experts with routers), configured with --set; --calibrate gives it text to "
         "convert and calibrate on (LTE's grouping by activations and fitted routers, SUBLLM's thresholds).",
+    ),
+    "quantize": (
+        cmd_quantize,
+        _quantize_flags,
+        "pack a model's weights as int8, int4, int6 (FlexQ) or ternary (BitCPM)",
+        "Quantize a model's weights and save a leanlm checkpoint that every verb loads (eval, generate, bench, "
+        "convert, demo). --method sets the blocks' format, --head the embedding's and lm head's; the format and "
+        "group sizes are recorded in config.json (model.quant). A GGUF in Q8_0/Q4_0/Q4_1 already loads natively "
+        "quantized; quantize re-packs it.",
     ),
 }
 

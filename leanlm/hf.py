@@ -2,14 +2,17 @@
 
 leanlm's baseline uses HF's parameter names except for its fused `qkv_proj` and `gate_up_proj`; `from_hf_state` and
 `to_hf_state` are the whole key map.
-GGUF files are dequantized to fp32 with the `gguf` package; llama.cpp stores q/k rows permuted for its interleaved
-RoPE, which `_unpermute_qk` undoes. The GGUF tokenizer is rebuilt with transformers' own converter.
+GGUF files in Q8_0, Q4_0 and Q4_1 load natively: their blocks become a quantized model (leanlm.quant's int8 and int4
+are laid out like them), the same weights with no float copy; other types, or a float `dtype` asked for, are
+dequantized with the `gguf` package. llama.cpp stores q/k rows permuted for its interleaved RoPE, which
+`_unpermute_qk` undoes. The GGUF tokenizer is rebuilt with transformers' own converter.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,7 @@ from torch import Tensor
 from leanlm.errors import LeanLMError
 from leanlm.io import atomic_dir
 from leanlm.methods import build_model
+from leanlm.methods.quant import with_quant
 from leanlm.model import ModelConfig, Transformer, torch_dtype
 from leanlm.tokenizer import Tokenizer
 
@@ -136,10 +140,11 @@ def from_hf_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
                 continue  # reported as a missing key by build_with_state
             out[f"{base}qkv_proj.{kind}"] = torch.cat(parts)
         elif ".mlp.gate_proj." in k:
+            kind = k.rsplit(".", 1)[1]  # weight, or a packed tensor (qweight, scales, mins)
             base = k.split(".mlp.")[0] + ".mlp."
-            up = state.get(f"{base}up_proj.weight")
+            up = state.get(f"{base}up_proj.{kind}")
             if up is not None:
-                out[f"{base}gate_up_proj.weight"] = torch.cat([v, up])
+                out[f"{base}gate_up_proj.{kind}"] = torch.cat([v, up])
         elif not any(f".{n}_proj." in k for n in ("k", "v", "up")):  # k/v/up were consumed with q/gate
             out[k] = v
     return out
@@ -229,10 +234,11 @@ def build_with_state(cfg: ModelConfig, state: dict[str, Tensor], where: str, dty
         if k in state:
             if tuple(state[k].shape) != tuple(v.shape):
                 raise LeanLMError(f"{where}: {k} has shape {tuple(state[k].shape)}, config says {tuple(v.shape)}")
-            target[k] = state[k].to(torch_dtype(dtype))
+            # float weights take the load dtype; packed tensors (leanlm.quant) keep the dtypes the model declares
+            target[k] = state[k].to(torch_dtype(dtype) if v.dtype == torch.float32 else v.dtype)
     model.load_state_dict(target, strict=False, assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
+    model.to(torch_dtype(dtype))  # a no-op copy-wise; packed layers (leanlm.quant) learn the dtype they compute in
+    model.tie_head()
     model.rope.reset(device=torch.device("cpu"))
     return model.eval()
 
@@ -308,8 +314,51 @@ def _unpermute_qk(w: Tensor, n_heads: int) -> Tensor:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+# GGUF block types loaded as they are: (leanlm format, bytes per block of 32 weights)
+NATIVE_GGUF = {"Q8_0": ("int8", 34), "Q4_0": ("int4", 18), "Q4_1": ("int4", 20)}
+FLOAT_GGUF = ("F32", "F16", "BF16")
+
+
+def _gguf_blocks(data: np.ndarray, kind: str) -> dict[str, Tensor]:
+    """A (rows, bytes) GGUF tensor of `kind` (NATIVE_GGUF) -> leanlm's packed tensors, the same bytes regrouped."""
+    rows = data.shape[0]
+    blocks = data.reshape(rows, -1, NATIVE_GGUF[kind][1])  # (rows, blocks of 32, bytes)
+    d = torch.from_numpy(np.ascontiguousarray(blocks[..., :2]).view(np.float16).reshape(rows, -1))
+    if kind == "Q8_0":
+        q = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(rows, -1)
+        return {"qweight": torch.from_numpy(q), "scales": d}
+    if kind == "Q4_1":
+        m = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:4]).view(np.float16).reshape(rows, -1))
+        q = np.ascontiguousarray(blocks[..., 4:]).reshape(rows, -1)
+    else:  # Q4_0: w = d * (q - 8) = d * q + (-8 d), exactly (both products and the sum fit fp32's mantissa)
+        m = d * -8
+        q = np.ascontiguousarray(blocks[..., 2:]).reshape(rows, -1)
+    return {"qweight": torch.from_numpy(q), "scales": d, "mins": m}
+
+
+def _native_plan(reader, path: Path, dtype: str | None) -> dict | None:
+    """The `model.quant` section a GGUF file loads as natively, or None (dequantize): every block matrix of one native
+    type, the embedding and the head native or float, and no float dtype asked for."""
+    if dtype is not None:
+        return None
+    blocks = {t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2}
+    ends = {t.tensor_type.name for t in reader.tensors if t.name in ("token_embd.weight", "output.weight")}
+    other = sorted((blocks | ends) - set(NATIVE_GGUF) - set(FLOAT_GGUF))
+    if other or len(blocks) != 1 or not blocks <= set(NATIVE_GGUF) or len(ends) != 1:
+        what = f"type {other[0]}" if other else "a mix of types"
+        print(
+            f"note: {path.name}: {what} is loaded by dequantizing to float32 (native: Q8_0, Q4_0, Q4_1)",
+            file=sys.stderr,
+        )
+        return None
+    (kind,), (end,) = blocks, ends
+    head = NATIVE_GGUF[end][0] if end in NATIVE_GGUF else "float"
+    return {"format": NATIVE_GGUF[kind][0], "group_size": 32, "head": head, "head_group_size": 32}
+
+
 def load_gguf(path: str | Path, dtype: str | None = None) -> tuple[Transformer, Tokenizer]:
-    """Load a LLaMA-architecture GGUF file, dequantized, with the tokenizer it embeds."""
+    """Load a LLaMA-architecture GGUF file with the tokenizer it embeds: natively quantized when its types allow and
+    no float `dtype` is asked for (module docstring), else dequantized to `dtype` (default float32)."""
     gguf = _need("gguf")
     path = Path(path)
     try:
@@ -345,20 +394,29 @@ def load_gguf(path: str | Path, dtype: str | None = None) -> tuple[Transformer, 
         bos_token_id=field("tokenizer.ggml.bos_token_id"),
         eos_token_id=field("tokenizer.ggml.eos_token_id"),
     )
+    plan = _native_plan(reader, path, dtype)
     state = {}
     for t in reader.tensors:
         parts = t.name.split(".")  # blk.{i}.{name}.weight | {name}.weight
         if parts[0] == "blk":
-            key = f"layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.{parts[3]}"
+            key = f"layers.{parts[1]}.{GGUF_NAMES[parts[2]]}"
         else:
-            key = f"{GGUF_NAMES[parts[0]]}.{parts[1]}"
-        w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
-        w = w.reshape(tuple(int(s) for s in reversed(t.shape)))
-        if parts[-2] == "attn_q":
-            w = _unpermute_qk(w, cfg.n_heads)
-        elif parts[-2] == "attn_k":
-            w = _unpermute_qk(w, cfg.n_kv_heads)
-        state[key] = w
+            key = GGUF_NAMES[parts[0]]
+        kind = t.tensor_type.name
+        if plan is not None and kind in NATIVE_GGUF:
+            tensors = _gguf_blocks(t.data, kind)
+        else:
+            try:
+                w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+            except NotImplementedError:  # e.g. Q8_1, Q8_K: llama.cpp's activation types, never a model's weights
+                raise LeanLMError(f"{path}: tensor {t.name} has GGUF type {kind}, which leanlm cannot read") from None
+            tensors = {parts[-1]: w.reshape(tuple(int(s) for s in reversed(t.shape)))}
+        for name, v in tensors.items():
+            if parts[-2] in ("attn_q", "attn_k"):  # rows permuted as wholes: packed rows the same way
+                v = _unpermute_qk(v, cfg.n_heads if parts[-2] == "attn_q" else cfg.n_kv_heads)
+            state[f"{key}.{name}"] = v
+    if plan is not None:
+        cfg = with_quant(cfg, **plan)
     model = build_with_state(cfg, from_hf_state(state), where=str(path), dtype=dtype)
     return model, gguf_tokenizer(path)
 

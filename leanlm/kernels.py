@@ -8,6 +8,9 @@ the small ops around the blocks (embedding, final norm with the lm head, SUBLLM'
 cost ~0.1 ms each mid-step as PyTorch ops (kernels.cpp); everything else (prefill, batches, training, other dtypes
 and devices) runs the PyTorch code it would run anyway. The kernel is a run-time choice, not part of a model's
 config: it changes how a step is computed, not what.
+
+The ops read every weight through one descriptor (`decode_weight`): a float32 weight in the decode layout, or a
+packed one of leanlm.quant (int8, int6, int4, ternary), read as it is stored, with fp32 activations.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import functools
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,6 +28,7 @@ from torch.utils.cpp_extension import is_ninja_available, load
 
 from leanlm.errors import LeanLMError
 from leanlm.model import Block, Transformer
+from leanlm.quant import FakeQuantEmbedding, FakeQuantLinear, Packed, QuantLinear, TiedHead
 
 KERNELS = ("torch", "cpp")
 
@@ -31,6 +36,16 @@ KERNELS = ("torch", "cpp")
 def check_kernel(kernel: str) -> None:
     if kernel not in KERNELS:
         raise LeanLMError(f"--kernel must be torch (pure PyTorch) or cpp (fused C++ CPU decode ops), got {kernel!r}")
+
+
+def auto_kernel(kernel: str, model: nn.Module) -> str:
+    """ "auto": cpp for a model on the CPU where the extension can be built (a C++ compiler and ninja), else torch;
+    any other kernel name as it is. Packed (quantized) weights make the difference large: the PyTorch path
+    dequantizes each weight for every token."""
+    if kernel != "auto":
+        return kernel
+    on_cpu = all(t.device.type == "cpu" for t in model.parameters())
+    return "cpp" if on_cpu and shutil.which("c++") is not None and is_ninja_available() else "torch"
 
 
 @functools.cache
@@ -94,14 +109,41 @@ def _fp32_cpu(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
 
 
+def decode_weight(layer: nn.Module) -> Any | None:
+    """The fused ops' descriptor of a layer's weight (kernels.cpp `Weight`), or None where the ops would compute
+    something else than the layer (it then keeps PyTorch): a bias-free float32 nn.Linear in the column-major decode
+    layout, a float32 nn.Embedding (any strides), or a packed layer on the CPU: QuantEmbedding, TiedHead (its
+    embedding), QuantLinear without bias or activation rounding (FlexQ's act_bits). The quantization-aware layers
+    round their weights in every forward: None. Builds the kernels on first use (a failure is one LeanLMError)."""
+    if isinstance(layer, TiedHead):
+        layer = layer.embedding
+    if isinstance(layer, (FakeQuantLinear, FakeQuantEmbedding)):
+        return None
+    if isinstance(layer, Packed):
+        if isinstance(layer, QuantLinear) and (layer.act_bits or layer.bias is not None):
+            return None
+        if layer.qweight.device.type != "cpu":
+            return None
+        return cpp_kernels().packed(layer.fmt, *layer.packed())
+    if isinstance(layer, nn.Linear):
+        w = layer.weight
+        if layer.bias is not None or not _fp32_cpu(w) or not w.t().is_contiguous():
+            return None
+        return cpp_kernels().dense(w.detach())
+    if isinstance(layer, nn.Embedding) and _fp32_cpu(layer.weight):
+        return cpp_kernels().dense(layer.weight.detach())
+    return None
+
+
 @contextlib.contextmanager
 def _fuse_ends(model: Transformer, kernel: str) -> Iterator[None]:
     """A one-token step of one row starts and ends with one call each: the embedding, and the final norm with the
     lm head (mid-step a small PyTorch op costs ~0.1 ms, docs/design.md)."""
-    w, n, e = model.lm_head.weight, model.norm.weight, model.embed_tokens.weight
-    if kernel == "cpp" and _fp32_cpu(w, n, e) and w.t().is_contiguous():
-        # (C,), eps, (C, vocab); the embedding (vocab, C) is row- or (tied to the lm head) column-major
-        model.fused = (cpp_kernels(), (n.detach(), model.norm.eps, w.detach().t()), e.detach())
+    n = model.norm.weight
+    if kernel == "cpp" and _fp32_cpu(n):
+        head, embed = decode_weight(model.lm_head), decode_weight(model.embed_tokens)
+        if head is not None and embed is not None:
+            model.fused = (cpp_kernels(), (n.detach(), model.norm.eps, head), embed)
     try:
         yield
     finally:
@@ -110,19 +152,16 @@ def _fuse_ends(model: Transformer, kernel: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _fuse_block(block: Block, kernel: str) -> Iterator[None]:
-    """One-token steps of one row run the block as two fused C++ ops reading the column-major weights."""
-    qkv, o = block.self_attn.qkv_proj, block.self_attn.o_proj
-    if kernel != "cpp" or not _fp32_cpu(qkv.weight) or qkv.bias is not None:
-        yield
+    """One-token steps of one row run the block as two fused C++ ops reading its weights (decode_weight)."""
+    n, n2 = block.input_layernorm, block.post_attention_layernorm
+    attn = block.self_attn
+    w_qkv = decode_weight(attn.qkv_proj) if kernel == "cpp" and _fp32_cpu(n.weight, n2.weight) else None
+    w_o = decode_weight(attn.o_proj) if w_qkv is not None else None
+    mlp = block.mlp.decode_step(n2, cpp_kernels(), decode_weight) if w_o is not None else None
+    if mlp is None:
+        yield  # a weight the ops do not read as the layer does (another dtype or layout, a bias, FlexQ): PyTorch
         return
-    ops = cpp_kernels()  # build (or load) first: a failure is one error, before any state changes
-    n = block.input_layernorm
-    attn = (n.weight.detach(), n.eps, qkv.weight.detach().t(), o.weight.detach().t())  # (C,), eps, (C, 3HD), (HD, C)
-    mlp = block.mlp.decode_step(block.post_attention_layernorm, ops)
-    if mlp is None or not (attn[2].is_contiguous() and attn[3].is_contiguous()):
-        yield  # not in the column-major layout (e.g. a weight shared in another layout): keep PyTorch
-        return
-    block.fused = (ops, attn, mlp)
+    block.fused = (cpp_kernels(), (n.weight.detach(), n.eps, w_qkv, w_o), mlp)
     try:
         yield
     finally:

@@ -27,6 +27,7 @@ from leanlm.data import TokenDataset
 from leanlm.errors import LeanLMError
 from leanlm.generate import generate
 from leanlm.kernels import decode_layout
+from leanlm.llamacpp import LlamaCpp
 from leanlm.model import Transformer
 
 DEFINITIONS = {
@@ -115,11 +116,13 @@ class PeakMemory:
 # -- inputs ------------------------------------------------------------------------------------------------------------
 
 
-def device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+def device_of(model: nn.Module | LlamaCpp) -> torch.device:
+    return torch.device("cpu") if isinstance(model, LlamaCpp) else next(model.parameters()).device
 
 
-def _vocab_size(model: nn.Module) -> int:
+def _vocab_size(model: nn.Module | LlamaCpp) -> int:
+    if isinstance(model, LlamaCpp):
+        return model.vocab_size
     return model.cfg.vocab_size if isinstance(model, Transformer) else model.config.vocab_size
 
 
@@ -194,6 +197,8 @@ class TrainStep:
 @torch.inference_mode()
 def prefill(model: nn.Module, batch: int, prompt_len: int, tokens: Tokens | None = None) -> tuple[int, float]:
     x = (tokens or Tokens())(model, batch, prompt_len)  # (B, P)
+    if isinstance(model, LlamaCpp):
+        return model.prefill(x[0].tolist())
     device = device_of(model)
     sync(device)
     t0 = time.perf_counter()
@@ -241,6 +246,8 @@ def decode(
     if new_tokens < 2:
         raise LeanLMError(f"decode needs at least 2 new tokens to time the steps after the first (got {new_tokens})")
     x = (tokens or Tokens())(model, batch, prompt_len)  # (B, P)
+    if isinstance(model, LlamaCpp):
+        return model.decode(x[0].tolist(), new_tokens)
     if isinstance(model, Transformer):
         res = generate(model, x.tolist(), max_new_tokens=new_tokens, stop_ids=(), dtype=cache_dtype, kernel=kernel)
         return res.n_decode_tokens, res.decode_seconds

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from leanlm.errors import LeanLMError
+from leanlm.quant import Packed
 
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_SCALING_TYPES = ("linear", "llama3")
@@ -274,6 +275,9 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, C)
 
 
+WeightOf = Callable[[nn.Module], Any]  # a layer -> the C++ decode ops' descriptor of its weight, or None (kernels.py)
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)), gate and up computed by one fused matmul.
 
@@ -300,13 +304,14 @@ class MLP(nn.Module):
         layout of its own switches here)."""
         yield
 
-    def decode_step(self, norm: RMSNorm, ops: Any) -> Callable[[Tensor], Tensor] | None:
+    def decode_step(self, norm: RMSNorm, ops: Any, weight: WeightOf) -> Callable[[Tensor], Tensor] | None:
         """x -> x + FFN(norm(x)) for one token (1, 1, C) through the C++ ops, made once per decode layout; None
-        when the weights are not in the column-major layout (the block then keeps PyTorch)."""
+        when the ops cannot read the weights as the layers do (the block then keeps PyTorch). `weight(layer)` is the
+        ops' descriptor of a layer's weight, or None (leanlm.kernels.decode_weight)."""
         if type(self).forward is not MLP.forward:  # an FFN of its own: the dense op would compute something else
             return None
-        w_gu, w_d = self.gate_up_proj.weight.detach().t(), self.down_proj.weight.detach().t()  # (C, 2F), (F, C)
-        if not (w_gu.is_contiguous() and w_d.is_contiguous()):
+        w_gu, w_d = weight(self.gate_up_proj), weight(self.down_proj)  # (2F, C), (C, F)
+        if w_gu is None or w_d is None:
             return None
         args = (norm.weight.detach(), norm.eps, w_gu, w_d)
         return lambda x: ops.mlp_decode(x, *args)
@@ -321,8 +326,8 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = mlp if mlp is not None else MLP(cfg.dim, cfg.ffn_dim)
-        # set by leanlm.kernels.decode_layout(model, "cpp"): (the C++ ops, the attention op's arguments, the FFN
-        # half as one function), for one-token steps of one row
+        # set by leanlm.kernels.decode_layout(model, "cpp"): (the C++ ops, the attention op's arguments: its norm
+        # and the qkv and o weights' descriptors, the FFN half as one function), for one-token steps of one row
         self.fused: tuple[Any, tuple, Callable[[Tensor], Tensor]] | None = None
 
     def forward(self, x, cos, sin, cache=None, start=0, mask=None) -> Tensor:
@@ -416,14 +421,13 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.rope = RotaryEmbedding(cfg)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.tie_head()
         self.router: TokenRouter | None = None
         self.methods: tuple = ()
         self.caches: list[KVCache] | None = None
-        # set by leanlm.kernels.decode_layout(model, "cpp"): (the C++ ops, the final norm's and lm head's arguments,
-        # the embedding weight), for one-token steps of one row
-        self.fused: tuple[Any, tuple[Tensor, float, Tensor], Tensor] | None = None
+        # set by leanlm.kernels.decode_layout(model, "cpp"): (the C++ ops, the final norm's weight and eps and the
+        # lm head's descriptor, the embedding's descriptor), for one-token steps of one row
+        self.fused: tuple[Any, tuple[Tensor, float, Any], Any] | None = None
 
     # -- construction -------------------------------------------------------------------------------------------------
 
@@ -449,10 +453,20 @@ class Transformer(nn.Module):
             m.init_weights(self, seed)
         return self
 
+    def tie_head(self) -> None:
+        """With tie_embeddings, make the lm head's weight the embedding's (after construction or an assigning load; a
+        packed head reads its embedding by itself, leanlm.quant.TiedHead)."""
+        if self.cfg.tie_embeddings and isinstance(self.lm_head, nn.Linear):
+            self.lm_head.weight = self.embed_tokens.weight
+
     def num_params(self, embeddings: bool = True) -> int:
+        """Weights, counted as values whatever their storage: a packed (quantized) weight is a buffer, counted as
+        the (N, K) matrix it holds."""
         n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
+        n += sum(m.out_features * m.in_features for m in self.modules() if isinstance(m, Packed))
         if not embeddings:
-            n -= self.embed_tokens.weight.numel()
+            e = self.embed_tokens
+            n -= e.out_features * e.in_features if isinstance(e, Packed) else e.weight.numel()
         return n
 
     # -- cost accounting ----------------------------------------------------------------------------------------------
@@ -487,9 +501,9 @@ class Transformer(nn.Module):
         """Allocate a static KV cache per layer for `batch` rows and up to `max_len` tokens."""
         if max_len > self.cfg.max_seq_len:
             raise LeanLMError(f"{max_len} tokens do not fit the model's context of {self.cfg.max_seq_len}")
-        dtype = dtype or self.embed_tokens.weight.dtype
+        dtype = dtype or self.norm.weight.dtype  # the norm: a float parameter even when the embedding is packed
         own = self.router.caches(batch, max_len, dtype) if self.router is not None else None
-        dev, cfg = self.embed_tokens.weight.device, self.cfg
+        dev, cfg = self.norm.weight.device, self.cfg
         self.caches = own or [
             KVCache(batch, max_len, cfg.n_kv_heads, cfg.head_dim, dtype, dev) for _ in range(cfg.n_layers)
         ]

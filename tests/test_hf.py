@@ -11,6 +11,7 @@ import torch
 from leanlm.checkpoint import load_checkpoint, load_model, save_checkpoint
 from leanlm.config import preset
 from leanlm.errors import LeanLMError
+from leanlm.hf import _unpermute_qk as hf_unpermute
 from leanlm.hf import export_hf, load_gguf, to_hf_state
 from leanlm.model import Transformer
 
@@ -125,7 +126,10 @@ def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:  # llama.cpp convert_hf
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(path, model: Transformer, tokenizer, arch: str = "llama") -> None:
+def write_tiny_gguf(
+    path, model: Transformer, tokenizer, arch: str = "llama", blocks: str = "F32", embedding: str = "F32"
+) -> None:
+    """blocks, embedding: the GGML types of the blocks' matrices and of the embedding (and head), e.g. Q4_1."""
     gguf = pytest.importorskip("gguf")
     cfg = model.cfg
     w = gguf.GGUFWriter(str(path), arch)
@@ -173,7 +177,14 @@ def write_tiny_gguf(path, model: Transformer, tokenizer, arch: str = "llama") ->
             name = f"blk.{i}.{layer_names[mod]}.weight"
         else:
             name = f"{names[k.rsplit('.', 1)[0]]}.weight"
-        w.add_tensor(name, a)
+        kind = gguf.GGMLQuantizationType[blocks if name.startswith("blk.") else embedding]
+        if a.ndim == 2 and kind == gguf.GGMLQuantizationType.Q8_1:  # gguf cannot quantize to it: zero blocks
+            size, block = gguf.GGML_QUANT_SIZES[kind]
+            w.add_tensor(name, np.zeros((a.shape[0], a.shape[1] // size * block), np.uint8), raw_dtype=kind)
+        elif a.ndim == 2 and kind != gguf.GGMLQuantizationType.F32:
+            w.add_tensor(name, gguf.quants.quantize(a, kind), raw_dtype=kind)
+        else:
+            w.add_tensor(name, a)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -192,11 +203,40 @@ def test_gguf_load_matches_source_and_transformers(tmp_path, tiny_tokenizer):
     assert (_logits(model, x) - _logits(hf, x)).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("blocks,embedding", [("Q4_1", "Q8_0"), ("Q4_0", "Q4_1"), ("Q8_0", "F32")])
+def test_gguf_quants_load_natively_bit_for_bit(tmp_path, tiny_tokenizer, blocks, embedding):
+    """Q8_0/Q4_0/Q4_1 load as packed leanlm weights that dequantize to exactly what the gguf package gives."""
+    gguf = pytest.importorskip("gguf")
+    src = Transformer(preset("tiny", vocab_size=320, ffn_dim=192)).init_weights(seed=2).eval()
+    f = tmp_path / "q.gguf"
+    write_tiny_gguf(f, src, tiny_tokenizer, blocks=blocks, embedding=embedding)
+    model, _ = load_gguf(f)
+    q = model.cfg.methods["quant"]
+    assert (q.format, q.head) == (
+        {"Q8_0": "int8"}.get(blocks, "int4"),
+        {"F32": "float", "Q8_0": "int8"}.get(embedding, "int4"),
+    )
+    reader = gguf.GGUFReader(str(f))
+    ref = {t.name: np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32) for t in reader.tensors}
+    up = torch.from_numpy(ref["blk.1.ffn_up.weight"])
+    k = hf_unpermute(torch.from_numpy(ref["blk.0.attn_k.weight"]), 2)
+    assert torch.equal(model.layers[1].mlp.gate_up_proj.weight[192:], up)
+    assert torch.equal(model.layers[0].self_attn.qkv_proj.weight[64:96], k)
+    assert torch.equal(model.embed_tokens.weight, torch.from_numpy(ref["token_embd.weight"]))
+    dense, _ = load_gguf(f, dtype="float32")  # the dequantizing path: same values, so the same logits
+    x = torch.randint(0, 320, (1, 40))
+    assert "quant" not in dense.cfg.methods
+    assert torch.allclose(_logits(model, x), _logits(dense, x), atol=1e-5, rtol=0)
+
+
 def test_gguf_errors(tmp_path, tiny_tokenizer):
     src = Transformer(preset("tiny", vocab_size=300)).init_weights(seed=2)
     write_tiny_gguf(tmp_path / "g2.gguf", src, tiny_tokenizer, arch="gpt2")
     with pytest.raises(LeanLMError, match="unsupported GGUF architecture 'gpt2'"):
         load_model(str(tmp_path / "g2.gguf"))
+    write_tiny_gguf(tmp_path / "q81.gguf", src, tiny_tokenizer, blocks="Q8_1")  # no reader for it anywhere
+    with pytest.raises(LeanLMError, match=r"tensor blk\.0\.\w+\.weight has GGUF type Q8_1, which leanlm cannot"):
+        load_model(str(tmp_path / "q81.gguf"))
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
     with pytest.raises(LeanLMError, match="not a readable GGUF"):
         load_model(str(tmp_path / "junk.gguf"))

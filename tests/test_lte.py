@@ -16,6 +16,7 @@ from torch.utils.cpp_extension import is_ninja_available
 
 from leanlm.checkpoint import load_model, save_checkpoint
 from leanlm.cli import main
+from leanlm.cluster import balanced_kmeans
 from leanlm.config import preset, read_yaml
 from leanlm.data import calibration_windows
 from leanlm.errors import LeanLMError
@@ -26,7 +27,6 @@ from leanlm.methods.lte import (
     LTEMLP,
     LTEConfig,
     activation_grouping,
-    balanced_kmeans,
     ffn_inputs,
     group_mlp,
     lte_layers,

@@ -20,11 +20,13 @@ from leanlm.errors import LeanLMError
 from leanlm.methods.base import Method
 from leanlm.methods.ltd import RandomLTD
 from leanlm.methods.lte import LTE
+from leanlm.methods.quant import Quant
 from leanlm.methods.subllm import SubLLM
 from leanlm.model import ModelConfig, Transformer
 
-# name -> method class; the name is its config key (`model.<name>`, or `<name>` in a training config)
-REGISTRY: dict[str, type[Method]] = {m.name: m for m in (SubLLM, RandomLTD, LTE)}
+# name -> method class; the name is its config key (`model.<name>`, or `<name>` in a training config). The order is
+# the order methods attach in: quantization last, after the others built their layers
+REGISTRY: dict[str, type[Method]] = {m.name: m for m in (SubLLM, RandomLTD, LTE, Quant)}
 
 
 def names(scope: str) -> list[str]:

@@ -14,6 +14,7 @@ the registry (`leanlm/methods/__init__.py`). What calls each hook:
         init_weights    initialise what the method added (after the baseline's init)
         convert         carry a trained model's weights into this method's layout (e.g. dense -> LTE experts)
     training (leanlm.training.loop)
+        check_training  refuse a model this method makes untrainable (packed quantized weights), one LeanLMError
         setup_run       a training method learns the run (window length, steps) before the training loop installs it
         lr_scales       parameters to learn at a multiple of the base learning rate
         set_step        the optimizer step, before its forward (schedules)
@@ -90,6 +91,9 @@ class Method:
     def lr_scales(self, model: Transformer) -> dict[str, float]:
         """Parameters (by name) to learn at a multiple of the base learning rate."""
         return {}
+
+    def check_training(self) -> None:
+        """Raise a LeanLMError if a model with this method (as configured) cannot train."""
 
     def setup_run(self, model_cfg: ModelConfig, seq_len: int, steps: int) -> None:
         """A training method (scope "train") learns the run before it is installed: the model, the window length and

@@ -26,10 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from leanlm.cluster import balanced_kmeans
 from leanlm.errors import LeanLMError
-from leanlm.kernels import cpp_kernels
+from leanlm.kernels import cpp_kernels, decode_weight
 from leanlm.methods.base import Method, NeedsCalibration
-from leanlm.model import MLP, ModelConfig, RMSNorm, Transformer
+from leanlm.model import MLP, ModelConfig, RMSNorm, Transformer, WeightOf
+from leanlm.quant import PACK, Packed
 
 TAU = 0.5  # score threshold: the paper uses 0.5 in every experiment
 ROUTER_INITS = ("random", "centroid", "fitted")
@@ -116,7 +118,7 @@ class LTEMLP(MLP):
         self.magnitude_keep: float | None = None  # training-free baseline: keep this fraction of experts by |h|
         self._index: dict[torch.device, tuple[Tensor, ...]] = {}  # decode gather indices per device
         self._experts: Tensor | None = None  # (n, C, 2E) gate/up table while in decode_layout
-        self._fused: tuple[Any, tuple[Tensor, ...]] | None = None  # the C++ ops and weight views, in decode_layout
+        self._fused: tuple[Any, tuple] | None = None  # the C++ ops and lte_decode's weights, in decode_layout
         self.reset_stats()
 
     # -- statistics ---------------------------------------------------------------------------------------------------
@@ -175,7 +177,15 @@ class LTEMLP(MLP):
     def decode_layout(self, kernel: str) -> Iterator[None]:
         """The gate/up weights live in the (n, C, 2E) expert table instead of `gate_up_proj.weight`, which holds no
         data meanwhile (any use of it fails loudly), so decode reads each expert as one block without a second
-        copy. With kernel "cpp" the C++ kernel gets views of the column-major router and down projection."""
+        copy. With kernel "cpp" the C++ kernel gets views of the column-major router and down projection. Packed
+        (quantized) weights stay as they are: the kernel reads the selected experts' packed rows (`_decode_packed`)."""
+        self._fused = self._decode_packed(kernel)
+        if self._fused is not None:
+            try:
+                yield
+            finally:
+                self._fused = None
+            return
         p = self.gate_up_proj.weight
         if p.dtype != torch.float32:  # decode_layout leaves other dtypes row-major
             yield
@@ -185,9 +195,10 @@ class LTEMLP(MLP):
         with torch.inference_mode(False), torch.no_grad():
             self._experts = p.data.t().reshape(C, self.n, 2 * self.E).transpose(0, 1).contiguous()  # (n, C, 2E)
             p.data = p.data.new_empty(0)
-            if ops is not None:  # (C, n) router, (n,) offset, (n, C, 2E) experts, (F, C) down
+            if ops is not None:  # (C, n) router, (n,) offset, (n, C, 2E) experts, (C, F) down column-major
                 w_r, w_d = self.router.weight.detach().t(), self.down_proj.weight.detach().t()
-                self._fused = (ops, (w_r.contiguous(), self.router_offset.detach(), self._experts, w_d.contiguous()))
+                experts, down = ops.dense(self._experts), ops.dense(w_d.contiguous().t())
+                self._fused = (ops, (w_r.contiguous(), self.router_offset.detach(), experts, down))
         try:
             yield
         finally:
@@ -195,7 +206,20 @@ class LTEMLP(MLP):
                 p.data = self._experts.transpose(1, 2).reshape(2 * self.n * self.E, C)  # (2F, C) row-major
             self._experts = self._fused = None
 
-    def decode_step(self, norm: RMSNorm, ops: Any) -> Callable[[Tensor], Tensor]:
+    def _decode_packed(self, kernel: str) -> tuple[Any, tuple] | None:
+        """kernel "cpp" on packed gate/up and down (leanlm.quant): lte_decode's arguments, the (C, n) router, the
+        offset and the weights as stored (expert e: rows [2Ee, 2E(e+1)) of gate/up, inputs [Ee, E(e+1)) of down), so
+        only the selected experts' packed bytes are read. None: the float path."""
+        gu, down, w_r = self.gate_up_proj, self.down_proj, self.router.weight
+        packed = isinstance(gu, Packed) and isinstance(down, Packed) and w_r.dtype == torch.float32
+        if kernel != "cpp" or not packed or (down.fmt in ("int4", "ternary") and self.E % PACK):  # whole packed runs
+            return None
+        w_gu, w_d = decode_weight(gu), decode_weight(down)  # None off the CPU
+        if w_gu is None or w_d is None:
+            return None
+        return cpp_kernels(), (w_r.detach().t().contiguous(), self.router_offset.detach(), w_gu, w_d)
+
+    def decode_step(self, norm: RMSNorm, ops: Any, weight: WeightOf) -> Callable[[Tensor], Tensor]:
         """x -> x + FFN(norm(x)) for one token (1, 1, C), made once per decode layout (mid-step lookups cost µs)."""
         norm_w, eps = norm.weight.detach(), norm.eps
 
@@ -435,37 +459,6 @@ class LTE(Method):
 
 
 # -- conversion: expert grouping and router initialisation -------------------------------------------------------------
-
-
-def balanced_kmeans(x: Tensor, n: int, iters: int = 20, seed: int = 0) -> Tensor:
-    """Cluster the rows of x (F, d) into n clusters of exactly F // n rows; returns the cluster of each row (F,).
-    Greedy balanced assignment on the whole (row, centroid) similarity matrix, best pairs first (MoEfication's), on
-    L2-normalised rows."""
-    Fd = x.shape[0]
-    size = Fd // n
-    # on the CPU in float32 wherever the model is: the grouping (stored in checkpoints) then does not depend on it
-    x = F.normalize(x.detach().float().cpu(), dim=1)
-    gen = torch.Generator().manual_seed(seed)
-    centroids = x[torch.randperm(Fd, generator=gen)[:n]].clone()  # (n, d)
-    assign = torch.zeros(Fd, dtype=torch.long)
-    for _ in range(iters):
-        sim = x @ centroids.t()  # (F, n)
-        order = sim.flatten().argsort(descending=True).tolist()
-        new, room, left = [-1] * Fd, [size] * n, Fd  # plain Python: tensor indexing per pair is ~100x slower
-        for flat in order:
-            r, c = divmod(flat, n)
-            if new[r] < 0 and room[c]:
-                new[r] = c
-                room[c] -= 1
-                left -= 1
-                if not left:
-                    break
-        new = torch.tensor(new)
-        if torch.equal(new, assign):
-            break
-        assign = new
-        centroids = F.normalize(torch.zeros_like(centroids).index_add_(0, assign, x), dim=1)
-    return assign
 
 
 def group_mlp(mlp: MLP, lte: LTEConfig, seed: int, assign: Tensor | None = None) -> dict[str, Tensor]:

@@ -370,7 +370,7 @@ class SubLLM(Method, TokenRouter):
         """Outer layers get plain caches; a stage's layers start at about `keep` of what reaches the stage (+ 64
         slots, so that short prompts and the first decoded tokens never reallocate) and grow if it keeps more."""
         self._lens = [[0] * batch for _ in self.parent]
-        cfg, dev = self.model.cfg, self.model.embed_tokens.weight.device
+        cfg, dev = self.model.cfg, self.model.norm.weight.device
         expected = self.stage_lengths(max_len, [self.cfg.keep] * len(self.parent))
         out: list[KVCache] = []
         for st in self.stage_of_layer:

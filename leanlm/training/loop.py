@@ -69,6 +69,8 @@ def train(cfg: TrainConfig) -> dict:
         dense_steps = -(-budget // tokens_per_step) if budget is not None else run.steps  # ceil
         methods = [REGISTRY[name](section) for name, section in cfg.train_methods.items()]
         check_compatible(target, methods)
+        for m in [*(REGISTRY[name](section) for name, section in target.methods.items()), *methods]:
+            m.check_training()
         for m in methods:
             m.setup_run(target, run.seq_len, dense_steps)
         model = _convert(model, target, run, note)  # unless it calibrates on the training text: then after the data
