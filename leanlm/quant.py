@@ -28,7 +28,6 @@ from leanlm.errors import LeanLMError
 FORMATS = ("int8", "int6", "int4", "ternary")
 BITS = {"int8": 8, "int6": 8, "int4": 4, "ternary": 2}  # bits per stored weight (int6 lives in int8 bytes)
 QMAX = {"int8": 127, "int6": 31}
-DECODE_ROWS = 16  # up to this many rows, a CPU matmul reads the packed weight (aten) instead of dequantizing it
 PACK = 32  # inputs per packed run (int4, ternary): group sizes are multiples of it
 
 
@@ -177,10 +176,12 @@ class Packed(nn.Module):
         if (
             self.fmt == "int8"
             and self.group == self.in_features
+            and x.numel() == self.in_features
             and x.dtype == torch.float32
             and x.device.type == "cpu"
         ):
-            # aten's int8 weight-only matmul (per-channel scales) reads the packed weight directly
+            # aten's int8 weight-only matmul (per-channel scales) reads the packed weight directly; one row only: on
+            # the CPU it is 13x slower than dequantizing for 16 rows and 80x for 512 (torch 2.13)
             y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.qweight, self.scales.float().view(-1))
             return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight.to(x.dtype))
