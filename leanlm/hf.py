@@ -25,7 +25,7 @@ from leanlm.errors import LeanLMError
 from leanlm.io import atomic_dir
 from leanlm.methods import build_model
 from leanlm.methods.quant import with_quant
-from leanlm.model import ModelConfig, Transformer, torch_dtype
+from leanlm.model import ModelConfig, Transformer, on_meta, torch_dtype
 from leanlm.tokenizer import Tokenizer
 
 # HF architectures whose math is the LLaMA baseline's (Qwen2 adds q/k/v biases, which the baseline supports)
@@ -217,7 +217,7 @@ def build_with_state(cfg: ModelConfig, state: dict[str, Tensor], where: str, dty
         state.pop("lm_head.weight", None)
     dtype = dtype or cfg.dtype
     cfg = cfg.replace(dtype=dtype)
-    with torch.device("meta"):
+    with on_meta():
         model = build_model(cfg)
     expected = set(model.state_dict())
     if cfg.tie_embeddings:

@@ -275,6 +275,25 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, C)
 
 
+INITS = ((nn.Linear, "reset_parameters"), (nn.Embedding, "reset_parameters"), (RotaryEmbedding, "reset"))
+
+
+@contextlib.contextmanager
+def on_meta() -> Iterator[None]:
+    """Build modules on the meta device, to be filled by an assigning load, without their init (random weights, the
+    RoPE tables: `model.rope.reset(device)` after the load): on meta, torch runs those ops through Python references
+    that import torch._dynamo (1.2 s of a cold start), for values that are overwritten anyway."""
+    saved = {(cls, name): getattr(cls, name) for cls, name in INITS}
+    for cls, name in saved:
+        setattr(cls, name, lambda self, *args, **kwargs: None)
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        for (cls, name), init in saved.items():
+            setattr(cls, name, init)
+
+
 WeightOf = Callable[[nn.Module], Any]  # a layer -> the C++ decode ops' descriptor of its weight, or None (kernels.py)
 
 

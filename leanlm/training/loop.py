@@ -37,7 +37,7 @@ from leanlm.data import CALIBRATION_LEN, BatchIterator, TokenDataset, calibratio
 from leanlm.errors import LeanLMError
 from leanlm.methods import REGISTRY, add_methods, build_model, calibrate_methods, check_compatible, install
 from leanlm.methods.base import NeedsCalibration
-from leanlm.model import ModelConfig, Transformer
+from leanlm.model import ModelConfig, Transformer, on_meta
 from leanlm.tokenizer import Tokenizer
 from leanlm.training.config import TrainConfig
 from leanlm.training.distill import distill_loss, load_teacher
@@ -391,7 +391,7 @@ def _model_for_saving(model: nn.Module, model_cfg: ModelConfig, d: distributed.D
     full_state = distributed.full_model_state(model)
     if not d.is_main:
         return None
-    with torch.device("meta"):
+    with on_meta():
         full = build_model(model_cfg)
     full.load_state_dict(full_state, assign=True)
     return full
