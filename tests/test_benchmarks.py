@@ -209,3 +209,68 @@ def test_subllm_uptrain_scores_trained_runs(uptrain_config, tmp_path):
 def test_subllm_uptrain_trains_both_arms(uptrain_config, tmp_path):
     uptrain(uptrain_config, tmp_path)
     assert (tmp_path / "up" / "final").is_dir() and (tmp_path / "up-dense" / "final").is_dir()
+
+
+def test_quant_quality(runs, tmp_path):
+    # the tiny dense run (it has a tokenizer, which calibration needs) under every quantization of the table
+    test = text_slice(tmp_path / "test.txt", "wikitext-2", 20_000)
+    out = tmp_path / "qq"
+    args = ["--model", str(runs["dense"] / "final"), "--data", str(test), "--seq-len", "64", "--max-windows", "2"]
+    args += ["--k", "1,2", "--calibrate", str(test), "--calibrate-tokens", "512", "--out", str(out)]
+    p, res = run_script("quant_quality.py", *args, "--json")
+    rows = res["rows"]
+    # no "GGUF native" row: a leanlm checkpoint loads in float
+    assert list(rows) == ["fp32", "W8A16", "W4A16", "W8A8", "W6A16", "W6A8", "W6A6", "W6A6 + A8 1", "W6A6 + A8 2"]
+    assert all(r["perplexity"] > 1 and r["tokens"] == 2 * 63 for r in rows.values())
+    assert rows["fp32"]["ratio"] == 1.0 and rows["fp32"]["bytes_ratio"] == 1.0
+    assert rows["W4A16"]["weight_bytes"] < rows["W8A16"]["weight_bytes"] == rows["W6A6"]["weight_bytes"]
+    assert all(r["bytes_ratio"] < 0.3 for name, r in rows.items() if name != "fp32")
+    assert rows["W6A6"]["weight_bytes_6bit_packed"] < rows["W6A6"]["weight_bytes"]
+    one, two = rows["W6A6 + A8 1"]["act8_layers"], rows["W6A6 + A8 2"]["act8_layers"]
+    assert len(one) == 1 and len(two) == 2 and set(one) <= set(two)  # the same ranking, cut at k
+    verdicts = res["verdicts"]
+    assert verdicts["a8_layers_tried"] == [0, 1, 2] and isinstance(verdicts["W6A8_target_met"], bool)
+    assert "| W6A6 + A8 2 |" in (out / "quant_quality.md").read_text() and "| W6A8 |" in p.stdout
+    assert json.loads((out / "quant_quality.json").read_text())["rows"].keys() == rows.keys()
+    assert not (out / "ckpt").exists()  # quantized checkpoints are removed unless --keep
+    # --int6-group: group-wise 6-bit weights (one fp16 scale per 32 inputs: more bytes than per channel); --rows
+    args32 = [*args[:-2], "--out", str(tmp_path / "g32"), "--int6-group", "32", "--rows", "W6A8", "--k", ""]
+    _, res32 = run_script("quant_quality.py", *args32, "--json")
+    assert list(res32["rows"]) == ["fp32", "W6A8"] and res32["rows"]["W6A8"]["weights"] == "int6 group 32"
+    assert res32["rows"]["W6A8"]["weight_bytes"] > rows["W6A8"]["weight_bytes"]
+    assert res32["rows"]["W6A8"]["quantize"]["group_size"] == 32 and res32["int6_group"] == 32
+
+
+def test_bitcpm_qat(runs, tmp_path):
+    # part 1 on the tiny prepared data, part 2 with the tiny dense run as the "pretrained" model (group 32: the tiny
+    # FFN is 160 wide, and part 1's here 128)
+    test = text_slice(tmp_path / "test.txt", "wikitext-2", 20_000)
+    lm_train = text_slice(tmp_path / "train.txt", "wikitext-2-valid", 20_000)
+    out = tmp_path / "bitcpm"
+    args = ["--out", str(out), "--data", str(runs["data"]), "--dim", "64", "--layers", "2", "--heads", "4"]
+    args += ["--kv-heads", "2", "--ffn-dim", "128", "--steps", "3", "--qat-steps", "2", "--batch", "2"]
+    args += ["--seq-len", "32", "--eval-batches", "2", "--group-size", "32", "--lm", str(runs["dense"] / "final")]
+    args += ["--lm-train", str(lm_train), "--test", str(test), "--windows", "2", "--lm-seq-len", "64"]
+    args += ["--lm-steps", "2", "--lm-batch", "2", "--lm-train-seq-len", "32"]
+    p, res = run_script("bitcpm_qat.py", *args, "--json")
+    s = res["stdlib"]
+    assert list(s["val_loss"]) == [
+        "float (start)",
+        "float continued",
+        "ternary QAT (fake-quantized)",
+        "ternary QAT, packed",
+        "ternary PTQ (no QAT)",
+    ]
+    assert all(v > 0 for v in s["val_loss"].values())
+    assert abs(s["packed_minus_qat"]) < 1e-4  # the packed model computes what the QAT forward computed
+    assert s["runs"]["float"]["steps"] == 3 and s["runs"]["QAT"]["steps"] == s["runs"]["float continued"]["steps"] == 2
+    # 2 bits per weight + an fp16 scale per 32 weights
+    assert s["sizes"]["blocks_linear_ratio"] == (2 + 16 / 32) / 32
+    assert s["sizes"]["model_ratio"] < s["sizes"]["model_ratio_head_float"] < 1
+    lm = res["lm"]
+    assert list(lm["rows"]) == ["float32", "ternary PTQ (no QAT)", "ternary QAT (2 steps), packed"]
+    assert all(r["perplexity"] > 1 and r["tokens"] == 2 * 63 for r in lm["rows"].values())
+    assert lm["rows"]["float32"]["vs_float32"] == 1.0
+    for d in ("float/final", "qat/final", "qat-packed", "ptq", "lm-qat/final", "lm-qat-packed"):
+        assert (out / d / "config.json").is_file()
+    assert "| ternary QAT, packed |" in (out / "bitcpm_qat.md").read_text() and "| float32 |" in p.stdout
