@@ -146,6 +146,12 @@ def load_model(
     raise LeanLMError(f"{ref}: not a checkpoint directory (no leanlm or Hugging Face config.json)")
 
 
+def _check_out(out: Path, force: bool) -> None:
+    """convert and quantize write a new checkpoint: never over a directory with something in it, unless --force."""
+    if out.exists() and any(out.iterdir()) and not force:
+        raise LeanLMError(f"{out}: exists and is not empty (pass --force to replace it)")
+
+
 def _calibration_rows(
     calibrate: str | None, n_tokens: int, cfg, tok: Tokenizer | None, src: str, tokenizer: str | None, seed: int
 ):
@@ -184,8 +190,7 @@ def quantize(
     dequantized weights are re-quantized). FlexQ's A8 fallback (act_bits 6, act8_count > 0) ranks the layers on
     `calibrate_tokens` tokens of `calibrate`."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise LeanLMError(f"{out}: exists and is not empty (pass --force to replace it)")
+    _check_out(out, force)
     if act_bits == 6 and act8_count and calibrate is None:
         raise LeanLMError("--act8-count: FlexQ's A8 fallback ranks layers on text: give --calibrate TEXT")
     section = {"format": method, "act_bits": act_bits, "act8_count": act8_count}
@@ -257,8 +262,7 @@ def convert(
     leanlm checkpoint or (`to="hf"`, the dense baseline only) a HF directory. `sets` on sections the model already
     has change them at load (as `--set` does elsewhere)."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise LeanLMError(f"{out}: exists and is not empty (pass --force to replace it)")
+    _check_out(out, force)
     for i, name in enumerate(methods):
         if name in methods[:i]:
             raise LeanLMError(f"--method {name}: given twice")

@@ -641,10 +641,7 @@ std::tuple<torch::Tensor, int64_t> lte_decode(torch::Tensor x, torch::Tensor rou
       i = j;
     }
     std::vector<float> out(C);
-    const int64_t T = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, C / 16));
-    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) rows_packed(down, h.data(), segs, C * t / T, C * (t + 1) / T, out.data() + C * t / T);
-    });
+    rows_parallel(down, h.data(), segs, out.data());
     for (int64_t c = 0; c < C; ++c) yp[c] += out[c];
     return {y, k};
   }

@@ -163,7 +163,6 @@ class Packed(nn.Module):
         self.register_buffer("scales", torch.zeros(N, G, dtype=torch.float16))
         self.mins: Tensor | None
         self.register_buffer("mins", torch.zeros(N, G, dtype=torch.float16) if fmt == "int4" else None)
-        self._aten: tuple | None = None  # the int4 weight in aten's layout, for few-row matmuls (`_aten_int4`)
         self.compute_dtype = torch.float32  # what an embedding lookup returns: the float dtype the model is cast to
 
     @property
@@ -191,11 +190,6 @@ class Packed(nn.Module):
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.packed() if t is not None)
-
-    def set_weight(self, w: Tensor) -> None:
-        """Quantize a float weight (N, K) into this layer."""
-        for k, v in quantize(w, self.fmt, self.group).items():
-            getattr(self, k).copy_(v) if getattr(self, k).device.type != "meta" else setattr(self, k, v)
 
     def _apply(self, fn, recurse=True):
         # model.float() / .to(dtype) would cast the fp16 scales: packed tensors only follow the device, and a float
