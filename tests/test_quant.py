@@ -175,6 +175,22 @@ def test_quantize_verb_writes_a_checkpoint_every_verb_loads(tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--head-group-size", "48"], "model.quant.head_group_size: group size 48 does not divide"),
+        (["--group-size", "-2"], "model.quant.group_size: must be a positive group size"),
+        (["--act8-count", "-1"], "model.quant.act8_count: must be a non-negative integer"),
+        (["--act-bits", "6", "--act8-count", "2"], "--act8-count: FlexQ's A8 fallback ranks layers on text"),
+    ],
+)
+def test_bad_quantize_settings_are_one_line_errors(tmp_path, capsys, flags, message):
+    assert main(["quantize", "tiny", str(tmp_path / "bad"), "--method", "int6", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+
+
 def test_requantizing_a_quantized_model_starts_from_its_dequantized_weights(tmp_path):
     quantize("tiny", tmp_path / "a", method="int4")
     res = quantize(str(tmp_path / "a"), tmp_path / "b", method="int8")
