@@ -141,13 +141,27 @@ def cmd_eval(args) -> dict:
     from leanlm.checkpoint import check_tokenizer_fits, load_model, model_overrides
     from leanlm.data import model_tokenizer, text_file
     from leanlm.evaluate import evaluate
+    from leanlm.longctx import format_table, parse_settings, passkey
     from leanlm.measure import reports
     from leanlm.quant import weight_bytes
 
-    files = [text_file(d) for d in args.data]  # fail on a bad path before spending seconds loading the model
+    # fail on bad values or a bad path before spending seconds loading the model
+    if args.task == "passkey":
+        if args.data:
+            raise LeanLMError("--data is for --task ppl; --task passkey builds its own prompts")
+        given = parse_settings(args.lengths, args.depths, args.trials, args.style)
+    elif not args.data:
+        raise LeanLMError("--task ppl needs --data FILE... (a text file or a shipped text's name, e.g. wikitext-2)")
+    files = [text_file(d) for d in args.data or []]
     model, tok = load_model(args.model, dtype=args.dtype, overrides=model_overrides(args.sets))
     tok = model_tokenizer(tok, args.model, args.tokenizer)
     check_tokenizer_fits(tok, model.cfg.vocab_size)
+    if args.task == "passkey":
+        given = {**given, "model": model, "tokenizer": tok, "progress": not args.json}
+        res = {"model": args.model, **passkey(**_flags(passkey, args, **given))}
+        if not args.json:
+            print(format_table(res))
+        return res
     res = evaluate(**_flags(evaluate, args, model=model, tokenizer=tok, paths=files, progress=not args.json))
     # what the methods did on this text, e.g. LTE's FFN sparsity, SUBLLM's retention
     res = {
@@ -280,12 +294,13 @@ def _generate_flags(p: argparse.ArgumentParser) -> None:
 
 def _eval_flags(p: argparse.ArgumentParser) -> None:
     _model_args(p)
+    tasks = "ppl: perplexity on --data (default); passkey: recall a 5-digit key hidden in long prompts (longctx.py)"
+    p.add_argument("--task", choices=("ppl", "passkey"), default="ppl", help=tasks)
     p.add_argument(
         "--data",
         "-d",
         nargs="+",
-        required=True,
-        help="UTF-8 text file(s), concatenated in order, or the name of a text shipped with leanlm: wikitext-2 "
+        help="ppl: UTF-8 text file(s), concatenated in order, or the name of a text shipped with leanlm: wikitext-2 "
         "(the test split), wikitext-2-valid",
     )
     p.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
@@ -298,6 +313,12 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    p.add_argument("--lengths", default="1024,2048", help="passkey: prompt lengths in tokens (default 1024,2048)")
+    p.add_argument("--depths", default="0,0.5,1", help="passkey: needle depths, 0 = start, 1 = end (default 0,0.5,1)")
+    p.add_argument("--trials", type=int, default=5, help="passkey: prompts per length and depth (default 5)")
+    style = "passkey: filler and needle: text (wikitext-2) or code (Python stdlib) (default text)"
+    p.add_argument("--passkey-style", dest="style", choices=("text", "code"), default="text", help=style)
+    p.add_argument("--seed", type=int, default=0, help="passkey: seed of the keys and filler offsets (default 0)")
     _tokenizer_arg(p)
 
 
@@ -443,10 +464,11 @@ VERBS: dict[str, tuple[Callable, Callable, str, str]] = {
     "eval": (
         cmd_eval,
         _eval_flags,
-        "perplexity and bits-per-byte on text files",
+        "perplexity and bits-per-byte on text files, or long-context passkey retrieval",
         "Perplexity and bits-per-byte of a model on text files. The whole text is "
         "tokenized once; scored in non-overlapping windows of --seq-len tokens, or in "
-        "sliding windows advancing by --stride. The protocol is printed with the result.",
+        "sliding windows advancing by --stride. The protocol is printed with the result. --task passkey instead "
+        "measures whether the model recalls a 5-digit key hidden at --depths of prompts of --lengths tokens.",
     ),
     "bench": (
         cmd_bench,
