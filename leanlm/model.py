@@ -1,11 +1,12 @@
-"""The dense LLaMA baseline, all of it in this one file: its config, its blocks, and the two hooks methods plug into.
+"""The dense LLaMA baseline, all of it in this one file: its config, its blocks, and the hooks methods plug into.
 
 Math and parameter names follow Hugging Face `LlamaForCausalLM` (half-split RoPE with fp32 angles, RMSNorm in fp32,
 SwiGLU), except that q/k/v and gate/up are fused into one projection each (`qkv_proj`, `gate_up_proj`) because that is
 measurably faster; hf.py maps HF state dicts in and out, and logits agree with HF to float rounding.
 
-Efficiency methods (leanlm/methods/) change the model through two hooks only, never by patching `forward`:
+Efficiency methods (leanlm/methods/) change the model through three hooks only, never by patching `forward`:
 - an FFN factory: `Transformer(cfg, ffn=...)` builds each block's FFN (LTE's experts); an FFN is an `MLP` subclass;
+- an attention factory: `Transformer(cfg, attn=...)` builds a block's attention (sparse patterns), an `Attention`;
 - a token router: `model.router` decides which tokens each block sees (SUBLLM's stages, random-LTD's drops). The
   forward below is the only layer loop: it calls the router before and after every block (`TokenRouter`).
 
@@ -246,21 +247,11 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(
-        self,
-        x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        cache: KVCache | None = None,
-        start: int = 0,
-        mask: Tensor | None = None,
-    ) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache=None, start: int = 0, mask=None, pos=None) -> Tensor:
+        """x (B, T, C) with RoPE rows cos, sin -> (B, T, C). cache: a KVCache written from slot `start`; mask: (B, 1,
+        T, S) bool or None (causal); pos: the positions (Stream.pos), which a sparse pattern reads (dense: unused)."""
         B, T, _ = x.shape
-        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = self.qkv_proj(x).view(B, T, H + 2 * K, D).transpose(1, 2)  # (B, H + 2K, T, D)
-        # q and k rotated in one go: a decode step is bound by the number of ops, not by their size
-        q, k = apply_rope(qkv[:, : H + K], cos, sin).split([H, K], dim=1)  # (B, H, T, D), (B, K, T, D)
-        v = qkv[:, H + K :]  # (B, K, T, D)
+        q, k, v = self.project(x, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, start)  # (B, K, S, D), S = start + T
         gqa = self.n_heads != self.n_kv_heads
@@ -273,6 +264,22 @@ class Attention(nn.Module):
         else:  # chunked prefill on top of a filled cache
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, k.shape[2], x.device), enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, C)
+
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, T, C) -> rotated q (B, H, T, D), rotated k and v (B, K, T, D)."""
+        B, T, _ = x.shape
+        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x).view(B, T, H + 2 * K, D).transpose(1, 2)  # (B, H + 2K, T, D)
+        # q and k rotated in one go: a decode step is bound by the number of ops, not by their size
+        q, k = apply_rope(qkv[:, : H + K], cos, sin).split([H, K], dim=1)
+        return q, k, qkv[:, H + K :]
+
+    def keys_read(self, kind: str, length: int | float, keys: float) -> float:
+        """Keys a query reads on average in a pass (`Transformer.flops`), given `keys` causally there: all of them."""
+        return keys
+
+    def make_cache(self, batch: int, max_len: int, dtype: torch.dtype, device=None) -> KVCache:
+        return KVCache(batch, max_len, self.n_kv_heads, self.head_dim, dtype, device)
 
 
 INITS = ((nn.Linear, "reset_parameters"), (nn.Embedding, "reset_parameters"), (RotaryEmbedding, "reset"))
@@ -339,23 +346,23 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, mlp: MLP | None = None):
+    def __init__(self, cfg: ModelConfig, mlp: MLP | None = None, attn: Attention | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = attn if attn is not None else Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = mlp if mlp is not None else MLP(cfg.dim, cfg.ffn_dim)
         # set by leanlm.kernels.decode_layout(model, "cpp"): (the C++ ops, the attention op's arguments: its norm
         # and the qkv and o weights' descriptors, the FFN half as one function), for one-token steps of one row
         self.fused: tuple[Any, tuple, Callable[[Tensor], Tensor]] | None = None
 
-    def forward(self, x, cos, sin, cache=None, start=0, mask=None) -> Tensor:
+    def forward(self, x, cos, sin, cache=None, start=0, mask=None, pos=None) -> Tensor:
         """x (B, T, C) -> (B, T, C); the other arguments as Attention.forward's (RoPE rows, KV cache, its first
-        slot, attention mask)."""
+        slot, attention mask, positions)."""
         if self.fused is not None and x.shape[0] * x.shape[1] == 1 and mask is None and cache is not None:
             if not torch.is_grad_enabled() and cache.prepare(start + 1):
                 return self._decode_fused(x, cos, sin, cache, start)
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, mask)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, mask, pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def _decode_fused(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, start: int) -> Tensor:
@@ -406,8 +413,9 @@ class TokenRouter:
     def leave(self, i: int, s: Stream) -> Stream:
         return s
 
-    def caches(self, batch: int, max_len: int, dtype: torch.dtype) -> list[KVCache] | None:
-        """Every layer's KV cache, for a router whose layers cache different tokens; None: plain caches."""
+    def caches(self, batch: int, max_len: int, dtype: torch.dtype, make: Callable[[int], KVCache]) -> list | None:
+        """Every layer's KV cache, for a router whose layers cache different tokens (`make(i)`: layer i's own cache
+        for all tokens); None: the layers' own caches."""
         return None
 
     @contextlib.contextmanager
@@ -432,11 +440,12 @@ class Transformer(nn.Module):
     method objects of leanlm.methods, for the training loop, benchmarks and reports) are set by leanlm.methods.
     """
 
-    def __init__(self, cfg: ModelConfig, ffn: Callable[[int], MLP] | None = None):
+    def __init__(self, cfg: ModelConfig, ffn: Callable[[int], Any] | None = None, attn: Callable | None = None):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, ffn(i) if ffn is not None else None) for i in range(cfg.n_layers))
+        ffn, attn = ffn or (lambda i: None), attn or (lambda i: None)
+        self.layers = nn.ModuleList(Block(cfg, ffn(i), attn(i)) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.rope = RotaryEmbedding(cfg)
@@ -510,6 +519,7 @@ class Transformer(nn.Module):
         attn = 2 * (2 * C * H * D + 2 * C * K * D)  # q, o + k, v projections
         total = extra + n * 2 * C * cfg.vocab_size  # + the lm head
         for block, t, s in zip(self.layers, tokens, attended):
+            s = block.self_attn.keys_read(kind, length, s)
             total += t * (attn + 4 * H * D * s + block.mlp.flops_per_token(kind))
         per_token = total / n
         return 3 * per_token if kind == "train" else per_token
@@ -521,25 +531,20 @@ class Transformer(nn.Module):
         if max_len > self.cfg.max_seq_len:
             raise LeanLMError(f"{max_len} tokens do not fit the model's context of {self.cfg.max_seq_len}")
         dtype = dtype or self.norm.weight.dtype  # the norm: a float parameter even when the embedding is packed
-        own = self.router.caches(batch, max_len, dtype) if self.router is not None else None
-        dev, cfg = self.norm.weight.device, self.cfg
-        self.caches = own or [
-            KVCache(batch, max_len, cfg.n_kv_heads, cfg.head_dim, dtype, dev) for _ in range(cfg.n_layers)
-        ]
+        dev = self.norm.weight.device
+
+        def make(i: int) -> KVCache:
+            return self.layers[i].self_attn.make_cache(batch, max_len, dtype, dev)
+
+        own = self.router.caches(batch, max_len, dtype, make) if self.router is not None else None
+        self.caches = own or [make(i) for i in range(len(self.layers))]
 
     def reset_caches(self) -> None:
         self.caches = None
 
     # -- forward ------------------------------------------------------------------------------------------------------
 
-    def forward(
-        self,
-        idx: Tensor,
-        pos: Tensor | None = None,
-        start: int = 0,
-        mask: Tensor | None = None,
-        last_only: bool = False,
-    ) -> Tensor:
+    def forward(self, idx: Tensor, pos: Tensor | None = None, start: int = 0, mask=None, last_only=False) -> Tensor:
         """Logits (B, T, vocab) for tokens idx (B, T).
 
         Args:
@@ -558,7 +563,7 @@ class Transformer(nn.Module):
             if router is not None:
                 s = router.enter(i, s)
             if not s.skip:
-                s.x = layer(s.x, s.cos, s.sin, caches[i], s.start, s.mask)
+                s.x = layer(s.x, s.cos, s.sin, caches[i], s.start, s.mask, s.pos)
             if router is not None:
                 s = router.leave(i, s)
         return self.logits(s.x, last_only)

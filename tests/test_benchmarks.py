@@ -274,3 +274,39 @@ def test_bitcpm_qat(runs, tmp_path):
     for d in ("float/final", "qat/final", "qat-packed", "ptq", "lm-qat/final", "lm-qat-packed"):
         assert (out / d / "config.json").is_file()
     assert "| ternary QAT, packed |" in (out / "bitcpm_qat.md").read_text() and "| float32 |" in p.stdout
+
+
+def test_longctx_extension_and_posthoc(runs, tmp_path):
+    # a plain tiny model pretrained at 64 tokens, extended to 256 under every arm (2 steps each); then the post-hoc
+    # patterns on the full-attention extension
+    pre = tmp_path / "pre"
+    raw = {
+        "model": {"preset": "tiny", "max_seq_len": 64},
+        "data": {"dir": str(runs["data"])},
+        "optim": {"lr": 1.0e-3, "warmup_steps": 1},
+        "run": {"out": str(pre), "steps": 2, "batch_size": 2, "seq_len": 64, "eval_every": 0, "save_every": 0}
+        | {"eval_batches": 1, "progress": False, "device": "cpu"},
+    }
+    train(config_from_dict(raw))
+    out = tmp_path / "ext"
+    args = ["--init", str(pre / "final"), "--data", str(runs["data"]), "--context", "256", "--budget", "64"]
+    args += ["--block", "8", "--steps", "2", "--batch-size", "1", "--windows", "1", "--trials", "1", "--depths", "0,1"]
+    p, res = run_script("longctx_extension.py", *args, "--out", str(out), "--json")
+    rows = res["rows"]
+    assert list(rows) == ["full", "longgen", "all_sparse", "s2_longgen", "infllm2", "posthoc_eviction"]
+    assert all(r["perplexity"] > 1 and 0 <= r["passkey"] <= 1 for r in rows.values())
+    full_kv = rows["full"]["kv_cache_bytes"]
+    assert rows["all_sparse"]["kv_cache_bytes"] < rows["longgen"]["kv_cache_bytes"] < full_kv
+    assert rows["infllm2"]["kv_cache_bytes"] >= full_kv  # every key kept (only the top-k blocks are read)
+    assert rows["full"]["blocks_read_fraction"] == 1.0 and rows["all_sparse"]["blocks_read_fraction"] < 0.6
+    assert "| posthoc_eviction |" in (out / "longctx.md").read_text()
+    # post hoc: every pattern switched on at load, next to the dense model
+    args = ["--model", str(out / "full" / "final"), "--data", str(text_slice(tmp_path / "t.txt", "wikitext-2", 20_000))]
+    args += ["--contexts", "192,256", "--budget", "64", "--block", "8", "--windows", "1", "--trials", "1"]
+    p, res = run_script("longctx_posthoc.py", *args, "--depths", "0", "--out", str(tmp_path / "ph"), "--json")
+    assert len(res["rows"]) == 10 and {r["context"] for r in res["rows"]} == {192, 256}
+    dense = [r for r in res["rows"] if r["variant"] == "dense"]
+    assert all(r["blocks_read_fraction"] == 1.0 for r in dense)
+    assert all(
+        r["kv_cache_bytes"] < dense[1]["kv_cache_bytes"] for r in res["rows"] if r["variant"].startswith("stream")
+    )

@@ -13,6 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from leanlm.checkpoint import load_model
 from leanlm.cli import build_parser
 from leanlm.config import apply_overrides, preset
 from leanlm.errors import LeanLMError
@@ -435,3 +436,31 @@ def test_distill_bad_input(tmp_path, data_dir, corpus, teacher_ckpt):
     cfg = make_cfg(tmp_path / "context", data_dir, model={"preset": "tiny", "max_seq_len": 512}, steps=1, seq_len=300)
     with pytest.raises(LeanLMError, match="its context of 256 is shorter than run.seq_len=300"):
         train(with_distill(cfg, teacher=str(teacher_ckpt)))
+
+
+def test_context_extension_with_sparse_attention(tmp_path, data_dir):
+    """LongGen's recipe: run.init with context keys and an attention section extends a short-context model; the
+    weights carry over unchanged and the saved model is the sparse one at the longer context."""
+    pre = tmp_path / "pre"
+    train(make_cfg(pre, data_dir, model={"preset": "tiny", "max_seq_len": 32}, steps=2, eval_every=0, save_every=0))
+    sections = {"max_seq_len": 128, "attention": {"pattern": "sink_window", "block": 8, "sink": 8, "window": 16}}
+    cfg = config_from_dict(
+        {
+            "model": sections,
+            "data": {"dir": str(data_dir)},
+            "optim": {"lr": 1e-3, "warmup_steps": 0},
+            "run": {
+                "init": str(pre / "final"),
+                "out": str(tmp_path / "ext"),
+                "steps": 2,
+                "batch_size": 2,
+                "seq_len": 96,
+                "eval_batches": 1,
+                "progress": False,
+            },
+        }
+    )
+    train(cfg)
+    model, _ = load_model(str(tmp_path / "ext" / "final"))
+    assert model.cfg.max_seq_len == 128 and model.cfg.arch == "attention"
+    assert model.cfg.methods["attention"].layers == [0, 1]

@@ -17,6 +17,7 @@ from typing import Any
 from torch import Tensor
 
 from leanlm.errors import LeanLMError
+from leanlm.methods.attention import SparseAttentionMethod
 from leanlm.methods.base import Method
 from leanlm.methods.ltd import RandomLTD
 from leanlm.methods.lte import LTE
@@ -26,7 +27,7 @@ from leanlm.model import ModelConfig, Transformer
 
 # name -> method class; the name is its config key (`model.<name>`, or `<name>` in a training config). The order is
 # the order methods attach in: quantization last, after the others built their layers
-REGISTRY: dict[str, type[Method]] = {m.name: m for m in (SubLLM, RandomLTD, LTE, Quant)}
+REGISTRY: dict[str, type[Method]] = {m.name: m for m in (SubLLM, RandomLTD, LTE, SparseAttentionMethod, Quant)}
 
 
 def names(scope: str) -> list[str]:
@@ -40,7 +41,8 @@ def build_model(cfg: ModelConfig) -> Transformer:
     methods = [REGISTRY[name](section) for name, section in cfg.methods.items()]
     check_compatible(cfg, methods)  # before building: the FFN factory is the first hook used
     factories = [f for m in methods if (f := m.ffn_factory(cfg)) is not None]
-    model = Transformer(cfg, ffn=factories[0] if factories else None)
+    attention = [f for m in methods if (f := m.attention_factory(cfg)) is not None]
+    model = Transformer(cfg, ffn=factories[0] if factories else None, attn=attention[0] if attention else None)
     install(model, methods)
     return model
 
@@ -52,6 +54,7 @@ def check_compatible(cfg: ModelConfig, methods: Sequence[Method]) -> None:
     everyone = [*(REGISTRY[n](s) for n, s in cfg.methods.items() if n not in own), *methods]
     hooks = {
         "builds this model's FFN": lambda m: m.ffn_factory(cfg),
+        "builds this model's attention": lambda m: m.attention_factory(cfg),
         "routes this model's tokens": lambda m: m.token_router(),
     }
     for hook, uses in hooks.items():
@@ -83,7 +86,8 @@ def add_methods(source: Transformer, cfg: ModelConfig, seed: int = 0, calibratio
     """Turn a trained model into the architecture `cfg` describes: the same backbone weights, the methods' new parts
     made by each method (`Method.convert`), e.g. a pretrained LLaMA uptrained into a SUBLLM, or grouped into LTE's
     experts. calibration: token rows (S, T) of text, for a method that converts by what the model does on text."""
-    if source.cfg.backbone() != cfg.backbone():
+    context = {k: getattr(cfg, k) for k in ("max_seq_len", "rope_theta", "rope_scaling")}  # may change: no weights
+    if source.cfg.backbone().replace(**context) != cfg.backbone():
         raise LeanLMError(f"cannot convert into {cfg.arch}: the model's backbone differs from the configured one")
     removed = [name for name in source.cfg.methods if name not in cfg.methods]
     if removed:

@@ -9,6 +9,7 @@ the registry (`leanlm/methods/__init__.py`). What calls each hook:
         Config.check    validate the section against the backbone (ModelConfig) or the run; one LeanLMError naming
                         the key
         ffn_factory     the FFN of every block (the model's FFN hook), or None
+        attention_factory  the attention of every block (None for a layer: the baseline's), or None
         token_router    the model's TokenRouter (which tokens each block sees), or None; one per model
         attach          add modules or buffers outside the blocks
         init_weights    initialise what the method added (after the baseline's init)
@@ -40,7 +41,7 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from leanlm.errors import LeanLMError
-from leanlm.model import MLP, ModelConfig, TokenRouter, Transformer
+from leanlm.model import MLP, Attention, ModelConfig, TokenRouter, Transformer
 
 
 class NeedsCalibration(LeanLMError):
@@ -52,6 +53,7 @@ class Method:
     Config: ClassVar[type]
     scope: ClassVar[str] = "model"  # "model" | "train"
     retired_keys: ClassVar[tuple[str, ...]] = ()  # keys older checkpoints may hold in the section: dropped on load
+    adds_weights: ClassVar[bool] = True  # False: the section may be added to a saved model at load (--set)
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
@@ -59,6 +61,9 @@ class Method:
     # -- building -----------------------------------------------------------------------------------------------------
 
     def ffn_factory(self, model_cfg: ModelConfig) -> Callable[[int], MLP] | None:
+        return None
+
+    def attention_factory(self, model_cfg: ModelConfig) -> Callable[[int], Attention | None] | None:
         return None
 
     def token_router(self) -> TokenRouter | None:

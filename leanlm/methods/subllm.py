@@ -366,16 +366,16 @@ class SubLLM(Method, TokenRouter):
 
     # -- generation state ---------------------------------------------------------------------------------------------
 
-    def caches(self, batch: int, max_len: int, dtype: torch.dtype) -> list[KVCache]:
+    def caches(self, batch: int, max_len: int, dtype: torch.dtype, make: Callable[[int], KVCache]) -> list[KVCache]:
         """Outer layers get plain caches; a stage's layers start at about `keep` of what reaches the stage (+ 64
         slots, so that short prompts and the first decoded tokens never reallocate) and grow if it keeps more."""
         self._lens = [[0] * batch for _ in self.parent]
         cfg, dev = self.model.cfg, self.model.norm.weight.device
         expected = self.stage_lengths(max_len, [self.cfg.keep] * len(self.parent))
         out: list[KVCache] = []
-        for st in self.stage_of_layer:
+        for i, st in enumerate(self.stage_of_layer):
             if st < 0:
-                out.append(KVCache(batch, max_len, cfg.n_kv_heads, cfg.head_dim, dtype, dev))
+                out.append(make(i))
             else:
                 slots = math.ceil(expected[st]) + 64
                 out.append(StageCache(batch, max_len, slots, cfg.n_kv_heads, cfg.head_dim, dtype, dev))

@@ -1,7 +1,8 @@
 """The training config: one YAML file of sections, each a typed dataclass, overridable key by key with `--set`.
 
     model:   {preset: cpu-10m, max_seq_len: 256}  # a model config (leanlm.config.model_config), or with run.init only
-                                                  # method sections, which convert the init model (e.g. {subllm: ...})
+                                                  # method sections, which convert the init model (e.g. {subllm: ...}),
+                                                  # and context keys (CONTEXT_KEYS: a context extension)
     data:    {inputs: [stdlib], vocab_size: 8192} # text to prepare into <run.out>/data, or {dir: PREPARED_DIR}
     optim:   {lr: 1.0e-3, schedule: cosine}       # leanlm.training.optim.OptimConfig
     run:     {out: out/run, steps: 1000}          # RunConfig below
@@ -91,13 +92,17 @@ class RunConfig:
             raise LeanLMError(f"run.layer_token_budget: must be >= 1 (got {self.layer_token_budget!r})")
 
 
+# model keys a run.init may change beside method sections: extending a pretrained model's context (LongGen's recipe)
+CONTEXT_KEYS = ("max_seq_len", "rope_theta", "rope_scaling")
+
+
 @dataclass
 class TrainConfig:
     model: ModelConfig | None  # None only with run.init (the architecture is then the init model's)
     data: DataConfig
     optim: OptimConfig
     run: RunConfig
-    # with run.init, a model section holding only method keys (e.g. `subllm`) adds those methods to the init model
+    # with run.init, a model section holding only method keys (e.g. `subllm`) and CONTEXT_KEYS changes the init model
     add_methods: dict | None = None
     distill: DistillConfig | None = None  # knowledge distillation from a teacher model
     train_methods: dict[str, Any] = field(default_factory=dict)  # training methods' sections (e.g. ltd), by name
@@ -145,7 +150,7 @@ def config_from_dict(raw: dict) -> TrainConfig:
             parts[section] = part
     model = raw.get("model") or {}
     init = parts["run"].init
-    if init and model and set(model) <= set(names("model")):  # uptraining: methods on top of the init model
+    if init and model and set(model) <= {*names("model"), *CONTEXT_KEYS}:  # uptraining, context extension
         parts["add_methods"] = dict(model)
     elif model:
         parts["model"] = model_config(model)
