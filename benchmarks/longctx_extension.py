@@ -5,8 +5,10 @@ extension is also evaluated with StreamingLLM-style eviction (sink + window in e
 training. Every sparse arm reads at most `--budget` keys per query.
 
 Per arm: validation perplexity at the long context (windows of the prepared validation split), passkey retrieval
-at that context (leanlm.longctx, `--passkey-style`, needle depths 0..1), KV-cache bytes at the long context vs full
-attention, the fraction of the causal key blocks read, and the training time.
+at that context (leanlm.longctx, `--passkey-style`, needle depths 0..1), span recall (a 16-token span of the window,
+copied at its end: the share of the copy's tokens 2..16 predicted top-1; a small model copies long before it learns
+a passkey prompt), KV-cache bytes at the long context vs full attention, the fraction of the causal key blocks read,
+and the training time.
 
     python benchmarks/longctx_extension.py --init out/baseline-stdlib/final --data out/baseline-stdlib/data \
         --context 1024 --budget 256 --block 32 --steps 150 --out out/longctx --json
@@ -109,6 +111,23 @@ def val_ppl(model, data: str, context: int, windows: int) -> float:
     return math.exp(nll / n)
 
 
+@torch.inference_mode()
+def span_recall(model, data: str, context: int, depths: list[float], trials: int, span: int = 16) -> dict[str, float]:
+    """Per depth, top-1 accuracy on tokens 2..span of a copy, at the window's end, of the span at that depth."""
+    windows = spread_batches(TokenDataset(data, "val"), 1, context, trials)
+    out = {}
+    for d in depths:
+        hits = 0
+        for x in windows:  # (1, context)
+            x = x.clone()
+            src = int(d * (context - 3 * span))
+            x[0, -span:] = x[0, src : src + span]
+            pred = model(x).argmax(-1)[0, -span:-1]  # predictions of the copy's tokens 2..span
+            hits += int((pred == x[0, -span + 1 :]).sum())
+        out[str(d)] = hits / (trials * (span - 1))
+    return out
+
+
 def evaluate_arm(ref: str, section: dict | None, args: argparse.Namespace) -> dict:
     overrides = {"attention": section} if section else None
     model, tok = load_model(ref, overrides=overrides)
@@ -118,7 +137,10 @@ def evaluate_arm(ref: str, section: dict | None, args: argparse.Namespace) -> di
     ppl = val_ppl(model, args.data, args.context, args.windows)
     reports = {m.name: m.report(model) for m in model.methods}
     pk = passkey(model, tok, [args.context], args.depths, trials=args.trials, style=args.passkey_style)
+    recall = span_recall(model, args.data, args.context, args.depths, args.trials)
     return {
+        "span_recall": sum(recall.values()) / len(recall),
+        "span_recall_by_depth": recall,
         "perplexity": ppl,
         "passkey": pk["mean_accuracy"],
         "passkey_by_depth": pk["accuracy"][str(args.context)],
@@ -167,14 +189,14 @@ def main(argv: list[str] | None = None) -> int:
         }
     full = rows.get("full")
     lines = [
-        f"| arm | val ppl @ {args.context} | x full | passkey | KV bytes x full | blocks read |",
-        "|---|---|---|---|---|---|",
+        f"| arm | val ppl @ {args.context} | x full | passkey | span recall | KV bytes x full | blocks read |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         rel = r["perplexity"] / full["perplexity"] if full else float("nan")
         kv = r["kv_cache_bytes"] / full["kv_cache_bytes"] if full else float("nan")
         lines.append(
-            f"| {name} | {r['perplexity']:.3f} | {rel:.3f} | {r['passkey']:.2f} | {kv:.3f} | "
+            f"| {name} | {r['perplexity']:.3f} | {rel:.3f} | {r['passkey']:.2f} | {r['span_recall']:.2f} | {kv:.3f} | "
             f"{r['blocks_read_fraction']:.3f} |"
         )
     md = "\n".join(lines)

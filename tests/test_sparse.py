@@ -4,9 +4,13 @@ decoding per row, KV caches bounded by the pattern, schedules, FLOP accounting a
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
+from torch.utils.cpp_extension import is_ninja_available
 
+from leanlm.cli import main
 from leanlm.config import preset
 from leanlm.errors import LeanLMError
 from leanlm.generate import generate, pad_batch
@@ -303,3 +307,20 @@ def test_sparse_layer_inside_a_subsampled_stage():
         with pytest.raises(LeanLMError, match="another method's KV cache"):
             m(x)
         m.reset_caches()
+
+
+@pytest.mark.skipif(shutil.which("c++") is None or not is_ninja_available(), reason="the C++ kernels need c++, ninja")
+def test_fused_kernels_keep_the_full_layers_and_decode_the_same():
+    """With --kernel cpp the full layers decode through the fused C++ ops and the sparse ones through PyTorch: the
+    same greedy tokens as the PyTorch path."""
+    model = sparse_model("sink_window", schedule=[1])
+    prompts = [ids(1, 60, seed=9)[0].tolist()]
+    assert generate(model, prompts, 30).tokens == generate(model, prompts, 30, kernel="cpp").tokens
+
+
+def test_bad_attention_settings_on_the_command_line_are_one_line(capsys):
+    for sets in (["model.attention.block=16", "model.attention.window=40"], ["model.attention.schedule=[0, 9]"]):
+        argv = ["eval", "-m", "tiny", "--data", "wikitext-2", "--max-windows", "1", "--seq-len", "64"]
+        assert main([*argv, *(a for s in sets for a in ("--set", s))]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("leanlm: error: model.attention.")
