@@ -359,11 +359,12 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, cache=None, start=0, mask=None, pos=None) -> Tensor:
         """x (B, T, C) -> (B, T, C); the other arguments as Attention.forward's (RoPE rows, KV cache, its first
         slot, attention mask, positions)."""
-        if self.fused is not None and x.shape[0] * x.shape[1] == 1 and mask is None and cache is not None:
-            if not torch.is_grad_enabled() and cache.prepare(start + 1):
-                return self._decode_fused(x, cos, sin, cache, start)
+        one = self.fused is not None and x.shape[0] * x.shape[1] == 1 and not torch.is_grad_enabled()
+        if one and mask is None and cache is not None and cache.prepare(start + 1):
+            return self._decode_fused(x, cos, sin, cache, start)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, mask, pos)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # a cache the fused attention op cannot write (a sparse layer's): the FFN half stays fused
+        return self.fused[2](x) if one else x + self.mlp(self.post_attention_layernorm(x))
 
     def _decode_fused(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, start: int) -> Tensor:
         """One token (1, 1, C) of one row through the C++ ops; its key and value go to cache slot `start`."""
