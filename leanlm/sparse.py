@@ -158,7 +158,7 @@ class SparseAttention(Attention):
         return ok & (kb <= qb)
 
     def offset(self, device) -> Tensor:
-        """(K,) each KV head's shift of the s2 residue class (a plain tensor, not a buffer: models are built on meta)."""
+        """(K,) each KV head's shift of the s2 residues (a plain tensor, not a buffer: models are built on meta)."""
         return torch.arange(self.n_kv_heads, device=device) * self.step
 
     def covers(self, n: int) -> bool:
@@ -168,9 +168,9 @@ class SparseAttention(Attention):
             return n <= sp.dense_len or nb <= sp.topk
         return nb <= sp.local_blocks + sp.sink_blocks or (sp.pattern == "s2" and sp.vert_stride == 1)
 
-    def select(self, q: Tensor, k: Tensor, qpos: Tensor, kpos: Tensor | None = None) -> Tensor:
+    def select(self, q: Tensor, k: Tensor, qpos: Tensor) -> Tensor:
         """Per query, the key blocks it reads: q (B, H, T, D) at qpos (B or 1, T); k (B, K, S, D) at positions
-        0..S-1 (kpos None) -> (B or 1, K, T, NB) bool. InfLLM v2 scores blocks from k; the static patterns ignore it."""
+        0..S-1 -> (B or 1, K, T, NB) bool. InfLLM v2 scores blocks from k; the static patterns ignore it."""
         sp = self.sp
         nb = -(-k.shape[2] // sp.block)
         qb = (qpos // sp.block).unsqueeze(1).unsqueeze(-1)  # (B, 1, T, 1)
@@ -210,6 +210,10 @@ class SparseAttention(Attention):
         B, T, _ = x.shape
         if cache is not None and not isinstance(cache, SparseCache):
             raise LeanLMError("sparse attention got another method's KV cache (a layer a token router subsamples)")
+        if cache is not None and T == 1 and mask is None and not isinstance(pos, Tensor) and cache.steps:
+            q, k, v = self.project(x, cos, sin)
+            y = cache.step(q, k, v, start if pos is None else pos)  # a decode step of unpadded rows: few ops
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         qpos = _positions(pos, start, T, x.device)  # (B or 1, T)
         fresh = mask is None and _contiguous(qpos)  # positions 0..T-1 (training, a first prefill)
         if fresh and cache is None and self.covers(T):
@@ -420,6 +424,10 @@ class SparseCache(nn.Module):
                 "means", torch.zeros(batch, K, nb, nk, D, dtype=dtype, device=device), persistent=False
             )
         self.offset = attn.offset(device)
+        self.steps = sp.pattern != "infllm2"  # `step` serves one-token decoding
+        self.is_store = torch.zeros(slots + 1, dtype=torch.bool, device=device)  # (slots + 1,) s2's strided slots
+        self.is_store[sp.sink + sp.window : slots] = True
+        self.heads, self.shift = attn.n_kv_heads, attn.step
 
     def prepare(self, end: int) -> bool:
         return False  # the fused dense decode op would read every slot
@@ -446,6 +454,27 @@ class SparseCache(nn.Module):
         self.v.scatter_(2, slot.unsqueeze(-1).expand(-1, -1, -1, D), v)
         self.kpos.scatter_(2, slot, pos.unsqueeze(1).expand(B, K, T))
         self.kpos[:, :, self.slots] = -1
+
+    def step(self, q: Tensor, k: Tensor, v: Tensor, p: int) -> Tensor:
+        """One token of every row at position p (no padding), static patterns: written first (its ring slot held a
+        token no later query reads), then SDPA over the slots the pattern allows. q (B, H, 1, D), k, v (B, K, 1, D)."""
+        sp = self.sp
+        slot = p if p < sp.sink else sp.sink + p % sp.window
+        self.k.narrow(2, slot, 1).copy_(k)
+        self.v.narrow(2, slot, 1).copy_(v)
+        self.kpos.narrow(2, slot, 1).fill_(p)
+        qb = p // sp.block
+        if sp.pattern == "s2" and p >= sp.sink:
+            s = sp.sink + sp.window + (qb // sp.vert_stride) * sp.block + p % sp.block
+            for h in range(self.heads):
+                if (qb + h * self.shift) % sp.vert_stride == 0:  # on head h's stride: kept for good
+                    self.k[:, h, s], self.v[:, h, s], self.kpos[:, h, s] = k[:, h, 0], v[:, h, 0], p
+        lo = max(0, (qb - sp.local_blocks + 1) * sp.block)  # the local window's first position
+        kpos = self.kpos  # (B, K, slots + 1)
+        ok = (kpos >= lo) | ((kpos >= 0) & (kpos < sp.sink))
+        if sp.pattern == "s2":
+            ok = torch.where(self.is_store, (kpos >= 0) & (kpos < lo), ok)
+        return _sdpa(q, self.k, self.v, ok.unsqueeze(2))
 
     def attend(
         self, attn: SparseAttention, q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, mask: Tensor | None
