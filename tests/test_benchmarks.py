@@ -310,3 +310,22 @@ def test_longctx_extension_and_posthoc(runs, tmp_path):
     assert all(
         r["kv_cache_bytes"] < dense[1]["kv_cache_bytes"] for r in res["rows"] if r["variant"].startswith("stream")
     )
+
+
+def test_longctx_decode_flat():
+    args = ["tiny", "--set", "model.attention.block=8", "--set", "model.attention.window=16"]
+    p, res = run_script(
+        "longctx_decode_flat.py",
+        *args,
+        "--set",
+        "model.attention.sink=8",
+        "--lengths",
+        "64,128",
+        "--steps",
+        "3",
+        "--repeats",
+        "2",
+        "--json",
+    )
+    assert set(res["ms_per_token"]) == {"64", "128"} and res["relative_to_shortest"]["64"] == 1.0
+    assert len(res["rounds"]["128"]) == 2 and "sink_window attention in 2/2 layers" in res["summary"]
