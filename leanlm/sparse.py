@@ -210,9 +210,11 @@ class SparseAttention(Attention):
         B, T, _ = x.shape
         if cache is not None and not isinstance(cache, SparseCache):
             raise LeanLMError("sparse attention got another method's KV cache (a layer a token router subsamples)")
-        if cache is not None and T == 1 and mask is None and not isinstance(pos, Tensor) and cache.steps:
+        if cache is not None and T == 1 and mask is None and not isinstance(pos, Tensor):
             q, k, v = self.project(x, cos, sin)
-            y = cache.step(q, k, v, start if pos is None else pos)  # a decode step of unpadded rows: few ops
+            p = start if pos is None else pos
+            # a decode step of unpadded rows: few ops
+            y = cache.step(q, k, v, p) if self.sp.pattern != "infllm2" else cache.step_selected(self, q, k, v, p)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         qpos = _positions(pos, start, T, x.device)  # (B or 1, T)
         fresh = mask is None and _contiguous(qpos)  # positions 0..T-1 (training, a first prefill)
@@ -424,7 +426,6 @@ class SparseCache(nn.Module):
                 "means", torch.zeros(batch, K, nb, nk, D, dtype=dtype, device=device), persistent=False
             )
         self.offset = attn.offset(device)
-        self.steps = sp.pattern != "infllm2"  # `step` serves one-token decoding
         self.is_store = torch.zeros(slots + 1, dtype=torch.bool, device=device)  # (slots + 1,) s2's strided slots
         self.is_store[sp.sink + sp.window : slots] = True
         self.heads, self.shift = attn.n_kv_heads, attn.step
@@ -475,6 +476,42 @@ class SparseCache(nn.Module):
         if sp.pattern == "s2":
             ok = torch.where(self.is_store, (kpos >= 0) & (kpos < lo), ok)
         return _sdpa(q, self.k, self.v, ok.unsqueeze(2))
+
+    def step_selected(self, attn: SparseAttention, q: Tensor, k: Tensor, v: Tensor, p: int) -> Tensor:
+        """infllm2, one token of every row at position p (no padding): the sink, the selected whole blocks and the
+        local window are contiguous or whole-block reads, so SDPA needs no mask. q (B, H, 1, D), k, v (B, K, 1, D)."""
+        sp, (B, H, _, D) = self.sp, q.shape
+        self.k.narrow(2, p, 1).copy_(k)
+        self.v.narrow(2, p, 1).copy_(v)
+        self.kpos.narrow(2, p, 1).fill_(p)
+        bs, qb, K = sp.block, p // sp.block, self.heads
+        if (p + 1) % bs == 0:  # this token completes its block: its kernel means
+            self.means[:, :, qb] = kernel_means(self.k[:, :, qb * bs : (qb + 1) * bs], sp)[:, :, 0]
+        lo = max(0, qb - sp.local_blocks + 1) * bs  # the local window's first position
+        first, last = sp.sink_blocks, qb - sp.local_blocks  # candidate blocks (whole, outside sink and window)
+        want = min(sp.topk - sp.sink_blocks - (qb + 1 - lo // bs), last - first + 1)
+        if p < sp.dense_len or p < sp.sink + sp.window or want <= 0 or last < first:
+            ks, vs, n = self.k[:, :, : p + 1], self.v[:, :, : p + 1], qb + 1  # every key (below dense_len, early)
+            if p >= sp.dense_len and lo > sp.sink:  # early, the window does not reach the sink
+                ks = torch.cat([self.k[:, :, : sp.sink], self.k[:, :, lo : p + 1]], 2)
+                vs = torch.cat([self.v[:, :, : sp.sink], self.v[:, :, lo : p + 1]], 2)
+                n = sp.sink_blocks + qb + 1 - lo // bs
+        else:
+            means = self.means[:, :, first : last + 1]  # (B, K, nc, nk, D)
+            G = H // K
+            logits = torch.einsum("bkgd,bkjnd->bkgjn", q.view(B, K, G, D), means) / math.sqrt(D)
+            score = logits.flatten(-2).softmax(-1).view_as(logits).amax(-1).sum(2)  # (B, K, nc)
+            top = score.topk(want, dim=-1).indices.sort(-1).values + first  # (B, K, want) block ids
+            rows = (torch.arange(B * K, device=q.device).view(B, K, 1) * (self.slots // bs) + top).flatten()
+            nbk = self.slots // bs
+            kb = self.k[:, :, : nbk * bs].reshape(B * K * nbk, bs * D).index_select(0, rows).view(B, K, -1, D)
+            vb = self.v[:, :, : nbk * bs].reshape(B * K * nbk, bs * D).index_select(0, rows).view(B, K, -1, D)
+            ks = torch.cat([self.k[:, :, : sp.sink], kb, self.k[:, :, lo : p + 1]], 2)
+            vs = torch.cat([self.v[:, :, : sp.sink], vb, self.v[:, :, lo : p + 1]], 2)
+            n = sp.sink_blocks + want + qb + 1 - lo // bs
+        attn.blocks_read[0] += n * K * B
+        attn.blocks_read[1] += (qb + 1) * K * B
+        return F.scaled_dot_product_attention(q, ks, vs, enable_gqa=H != K)
 
     def attend(
         self, attn: SparseAttention, q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, mask: Tensor | None
