@@ -502,10 +502,11 @@ class SparseCache(nn.Module):
             logits = torch.einsum("bkgd,bkjnd->bkgjn", q.view(B, K, G, D), means) / math.sqrt(D)
             score = logits.flatten(-2).softmax(-1).view_as(logits).amax(-1).sum(2)  # (B, K, nc)
             top = score.topk(want, dim=-1).indices.sort(-1).values + first  # (B, K, want) block ids
-            rows = (torch.arange(B * K, device=q.device).view(B, K, 1) * (self.slots // bs) + top).flatten()
-            nbk = self.slots // bs
-            kb = self.k[:, :, : nbk * bs].reshape(B * K * nbk, bs * D).index_select(0, rows).view(B, K, -1, D)
-            vb = self.v[:, :, : nbk * bs].reshape(B * K * nbk, bs * D).index_select(0, rows).view(B, K, -1, D)
+            # the selected blocks' token rows in the flat (B * K * (slots + 1), D) cache (a view: no copy of it)
+            base = torch.arange(B * K, device=q.device).view(B, K, 1, 1) * (self.slots + 1)
+            rows = (base + top.unsqueeze(-1) * bs + torch.arange(bs, device=q.device)).flatten()
+            kb = self.k.view(-1, D).index_select(0, rows).view(B, K, -1, D)
+            vb = self.v.view(-1, D).index_select(0, rows).view(B, K, -1, D)
             ks = torch.cat([self.k[:, :, : sp.sink], kb, self.k[:, :, lo : p + 1]], 2)
             vs = torch.cat([self.v[:, :, : sp.sink], vb, self.v[:, :, lo : p + 1]], 2)
             n = sp.sink_blocks + want + qb + 1 - lo // bs
