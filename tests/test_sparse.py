@@ -16,7 +16,8 @@ from leanlm.errors import LeanLMError
 from leanlm.generate import generate, pad_batch
 from leanlm.methods import build_model
 from leanlm.model import Transformer
-from leanlm.sparse import SparseAttention, SparseCache, sparse_layers
+from leanlm.sparse import SparseAttention, sparse_layers
+from leanlm.sparse_cache import SparseCache
 
 TOL = 1e-4
 # tiny model: 4 query heads, 2 KV heads; blocks of 8 so that 100 tokens span 13 blocks
