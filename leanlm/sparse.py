@@ -65,7 +65,9 @@ class SparseConfig:
 
         if self.pattern not in PATTERNS:
             raise bad("pattern", f"must be one of {', '.join(PATTERNS)}")
-        for name in ("block", "window", "vert_stride", "topk", "kernel", "kernel_stride", "every_n"):
+        if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1:
+            raise bad("window", "must be a positive integer: a query reads at least its own block")
+        for name in ("block", "vert_stride", "topk", "kernel", "kernel_stride", "every_n"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise bad(name, "must be a positive integer")
@@ -83,6 +85,8 @@ class SparseConfig:
             forced = (self.sink + self.window) // self.block
             if self.topk < forced:
                 raise bad("topk", f"must cover the sink and local blocks ({forced})")
+            if self.topk * self.block > model_cfg.max_seq_len:
+                raise bad("topk", f"topk x block exceeds the model's context of {model_cfg.max_seq_len}")
             if (
                 self.kernel > self.block
                 or self.kernel_stride > self.kernel

@@ -246,7 +246,8 @@ def test_flops_count_only_the_keys_read():
     [
         (dict(block=16, window=40), "window: must be a multiple of block"),
         (dict(schedule=[0, 5]), "schedule: layer 5 does not exist"),
-        (dict(window=0), "window: must be a positive integer"),
+        (dict(window=0), "window: must be a positive integer: a query reads at least its own block"),
+        (dict(pattern="infllm2", topk=40), "topk x block exceeds the model's context"),
         (dict(window=256, sink=64), "exceed the model's context"),
         (dict(pattern="infllm2", window=32, sink=16, topk=2, block=8), "topk: must cover the sink and local blocks"),
         (dict(pattern="dense"), "pattern: must be one of"),
