@@ -162,7 +162,8 @@ def _fuse_block(block: Block, kernel: str) -> Iterator[None]:
         yield  # a weight the ops do not read as the layer does (another dtype or layout, a bias, FlexQ): PyTorch
         return
     block.fused = (cpp_kernels(), (n.weight.detach(), n.eps, w_qkv, w_o), mlp)
+    attn.proj_ops = (cpp_kernels(), w_qkv, w_o)  # for an attention that runs its own one-token step (sparse)
     try:
         yield
     finally:
-        block.fused = None
+        block.fused = attn.proj_ops = None

@@ -239,6 +239,8 @@ def causal_mask(T: int, S: int, device=None) -> Tensor:
 
 
 class Attention(nn.Module):
+    proj_ops: tuple | None = None  # (C++ ops, qkv and o descriptors) in a cpp decode layout (leanlm.kernels)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim

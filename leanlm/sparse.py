@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from leanlm.errors import LeanLMError
-from leanlm.model import Attention, ModelConfig
+from leanlm.model import Attention, ModelConfig, apply_rope
 from leanlm.sparse_cache import SparseCache, kernel_means, sdpa_per_kv_head
 
 PATTERNS = ("sink_window", "s2", "infllm2")
@@ -220,7 +220,10 @@ class SparseAttention(Attention):
             p = start if pos is None else pos
             # a decode step of unpadded rows: few ops
             y = cache.step(q, k, v, p) if self.sp.pattern != "infllm2" else cache.step_selected(self, q, k, v, p)
-            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+            y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+            if self.proj_ops is not None and B == 1 and not torch.is_grad_enabled():  # one row: the C++ GEMV
+                return self.proj_ops[0].matvec(y.view(-1), self.proj_ops[2]).view(1, 1, -1)
+            return self.o_proj(y)
         qpos = _positions(pos, start, T, x.device)  # (B or 1, T)
         fresh = mask is None and _contiguous(qpos)  # positions 0..T-1 (training, a first prefill)
         if fresh and cache is None and self.covers(T):
@@ -240,6 +243,16 @@ class SparseAttention(Attention):
         else:
             y = self.masked(q, k, v, qpos, qpos, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, C)
+
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The baseline's projection; one token of one row in a cpp decode layout goes through the C++ GEMV (packed
+        weights are otherwise dequantized by PyTorch for every token)."""
+        if self.proj_ops is None or x.shape[0] * x.shape[1] != 1 or torch.is_grad_enabled():
+            return super().project(x, cos, sin)
+        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.proj_ops[0].matvec(x.reshape(-1), self.proj_ops[1]).view(1, H + 2 * K, 1, D)
+        q, k = apply_rope(qkv[:, : H + K], cos, sin).split([H, K], dim=1)
+        return q, k, qkv[:, H + K :]
 
     def masked(self, q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, kpos: Tensor, mask: Tensor | None) -> Tensor:
         """The reference: SDPA over every key with the pattern as a mask. k, v (B, K, S, D) at positions kpos
