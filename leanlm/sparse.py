@@ -34,7 +34,7 @@ from torch import Tensor
 
 from leanlm.errors import LeanLMError
 from leanlm.model import Attention, ModelConfig, apply_rope
-from leanlm.sparse_cache import SparseCache, kernel_means, sdpa_per_kv_head
+from leanlm.sparse_cache import SparseCache, kernel_means, kernel_scores, sdpa_per_kv_head
 
 PATTERNS = ("sink_window", "s2", "infllm2")
 SCHEDULES = ("all", "longgen", "every_n")
@@ -173,33 +173,31 @@ class SparseAttention(Attention):
             return n <= sp.dense_len or nb <= sp.topk
         return nb <= sp.local_blocks + sp.sink_blocks or (sp.pattern == "s2" and sp.vert_stride == 1)
 
-    def select(self, q: Tensor, k: Tensor, qpos: Tensor) -> Tensor:
-        """Per query, the key blocks it reads: q (B, H, T, D) at qpos (B or 1, T); k (B, K, S, D) at positions
-        0..S-1 -> (B or 1, K, T, NB) bool. InfLLM v2 scores blocks from k; the static patterns ignore it."""
+    def means(self, k: Tensor) -> Tensor | None:
+        """InfLLM v2's kernel means of the whole blocks of k (B, K, S, D) at positions 0..S-1 (a partial last block
+        is never a candidate); None for the static patterns, which read no keys to choose."""
+        return kernel_means(k, self.sp) if self.sp.pattern == "infllm2" else None
+
+    def select(self, q: Tensor, qpos: Tensor, nb: int, means: Tensor | None) -> Tensor:
+        """Per query, which of nb key blocks it reads: q (B, H, T, D) at qpos (B or 1, T) -> (B or 1, K, T, NB)
+        bool. InfLLM v2 picks its dynamic blocks by the kernel means (B, K, NB', nk, D) of whole blocks 0..NB'-1."""
         sp = self.sp
-        nb = -(-k.shape[2] // sp.block)
         qb = (qpos // sp.block).unsqueeze(1).unsqueeze(-1)  # (B, 1, T, 1)
         kb = torch.arange(nb, device=q.device).view(1, 1, 1, nb)
         ok = self.static(qb, kb).expand(-1, self.n_kv_heads, -1, -1)  # (B, K, T, NB)
         if sp.pattern != "infllm2":
             return ok
         ok = ok | ((qpos < sp.dense_len).unsqueeze(1).unsqueeze(-1) & (kb <= qb))
-        means = kernel_means(k, sp)  # (B, K, NB, nk, D): full blocks only (a partial last block scores -inf)
-        return ok | self.top(q, means, qb, kb, ok)
+        return (ok | self._top(q, means, qb, kb, ok)) if means.shape[2] else ok
 
-    def top(self, q: Tensor, means: Tensor, qb: Tensor, kb: Tensor, forced: Tensor) -> Tensor:
+    def _top(self, q: Tensor, means: Tensor, qb: Tensor, kb: Tensor, forced: Tensor) -> Tensor:
         """InfLLM v2's dynamic blocks: the best topk - |forced| candidate blocks per query and KV-head group."""
         sp = self.sp
-        B, H, T, D = q.shape
+        B, _, T, _ = q.shape
         K, nbm = means.shape[1], means.shape[2]
-        G = H // K
         kb = kb[..., :nbm]
         cand = (kb <= qb - sp.local_blocks) & (kb >= sp.sink_blocks)  # (B, 1, T, NB): whole blocks outside forced
-        logits = torch.einsum("bkgtd,bkjnd->bkgtjn", q.view(B, K, G, T, D), means) / math.sqrt(D)
-        logits = logits.masked_fill(~cand.unsqueeze(2).unsqueeze(-1), float("-inf"))
-        p = logits.flatten(-2).softmax(-1).view_as(logits).nan_to_num(0.0)  # queries with no candidate: zeros
-        score = p.amax(-1).sum(2)  # (B, K, T, NB)
-        score = score.masked_fill(~cand, -1.0)
+        score = kernel_scores(q, means, cand).masked_fill(~cand, -1.0)  # (B, K, T, NB)
         n_forced = forced.sum(-1, keepdim=True)  # (B, K, T, 1)
         want = (sp.topk - n_forced).clamp(min=0)
         m = min(sp.topk, nbm)
@@ -219,11 +217,9 @@ class SparseAttention(Attention):
             q, k, v = self.project(x, cos, sin)
             p = start if pos is None else pos
             # a decode step of unpadded rows: few ops
-            y = cache.step(q, k, v, p) if self.sp.pattern != "infllm2" else cache.step_selected(self, q, k, v, p)
-            y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-            if self.proj_ops is not None and B == 1 and not torch.is_grad_enabled():  # one row: the C++ GEMV
-                return self.proj_ops[0].matvec(y.view(-1), self.proj_ops[2]).view(1, 1, -1)
-            return self.o_proj(y)
+            return self._out(
+                cache.step(q, k, v, p) if self.sp.pattern != "infllm2" else cache.step_selected(self, q, k, v, p)
+            )
         qpos = _positions(pos, start, T, x.device)  # (B or 1, T)
         fresh = mask is None and _contiguous(qpos)  # positions 0..T-1 (training, a first prefill)
         if fresh and cache is None and self.covers(T):
@@ -242,7 +238,7 @@ class SparseAttention(Attention):
             y = cache.attend(self, q, k, v, qpos, mask)
         else:
             y = self.masked(q, k, v, qpos, qpos, mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, C)
+        return self._out(y)
 
     def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The baseline's projection; one token of one row in a cpp decode layout goes through the C++ GEMV (packed
@@ -254,12 +250,21 @@ class SparseAttention(Attention):
         q, k = apply_rope(qkv[:, : H + K], cos, sin).split([H, K], dim=1)
         return q, k, qkv[:, H + K :]
 
+    def _out(self, y: Tensor) -> Tensor:
+        """The output projection of y (B, H, T, D) -> (B, T, C); one token of one row in a cpp decode layout through
+        the C++ GEMV, as `project`."""
+        B, _, T, _ = y.shape
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        if self.proj_ops is None or B * T != 1 or torch.is_grad_enabled():
+            return self.o_proj(y)
+        return self.proj_ops[0].matvec(y.view(-1), self.proj_ops[2]).view(1, 1, -1)
+
     def masked(self, q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, kpos: Tensor, mask: Tensor | None) -> Tensor:
         """The reference: SDPA over every key with the pattern as a mask. k, v (B, K, S, D) at positions kpos
         (B or 1, S) of a contiguous run from 0 (training) or any subset (a token router's)."""
         n = int(kpos.max()) + 1
         kfull = k if kpos.shape[-1] == n and _contiguous(kpos) else _scatter_positions(k, kpos, n)
-        sel = self.select(q, kfull, qpos)  # (B, K, T, NB)
+        sel = self.select(q, qpos, -(-n // self.sp.block), self.means(kfull))  # (B, K, T, NB)
         Bq = max(sel.shape[0], kpos.shape[0], q.shape[0])
         kb = (kpos // self.sp.block).view(kpos.shape[0], 1, 1, -1).expand(Bq, sel.shape[1], q.shape[2], -1)
         allow = sel.expand(Bq, -1, -1, -1).gather(-1, kb)  # (B, K, T, S)
@@ -279,10 +284,10 @@ class SparseAttention(Attention):
         if pad:  # padding queries read their own block: no empty row, no NaN in the backward
             q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
         if sp.pattern == "infllm2":
-            sel = self.select(q, k, qpos)  # (B, K, nb * bs, NB) per token
+            sel = self.select(q, qpos, nb, self.means(k))  # (B, K, nb * bs, NB) per token
             self.count(sel[:, :, :T], qpos[:, :T])
         else:  # one rule per query block (causality inside the diagonal block is the tiles' job)
-            sel = self.select(q[:, :, ::bs], k, qpos[:, ::bs])  # (1, K, NB, NB)
+            sel = self.select(q[:, :, ::bs], qpos[:, ::bs], nb, None)  # (1, K, NB, NB)
             self.count(sel, qpos[:, ::bs], (T - qpos[0, ::bs]).clamp(max=bs))
         return self._tiles(q, k, v, sel, qpos[0])[:, :, :T]
 
@@ -312,9 +317,8 @@ class SparseAttention(Attention):
         out = q.new_empty(B, K * nt, G * L * D)
         counts = union.sum(-1)  # (Bs, K, NT)
         kpos_in = torch.arange(bs, device=q.device)
-        tril = torch.ones(bs, bs, dtype=torch.bool, device=q.device).tril()
-        lut = torch.stack([tril & False, ~(tril & False), tril]).to(q.dtype)  # hidden, visible, diagonal
-        lut = (lut - 1).mul_(float("inf")).nan_to_num_(0.0, neginf=float("-inf"))  # 1 -> 0, 0 -> -inf
+        hidden = torch.full((bs, bs), float("-inf"), dtype=q.dtype, device=q.device)
+        lut = torch.stack([hidden, torch.zeros_like(hidden), hidden.triu(1)])  # masks: hidden, visible, diagonal
         for m in counts.unique().tolist():
             b, h, t = (counts == m).nonzero(as_tuple=True)
             idx = union[b, h, t].nonzero()[:, 1].view(-1, m)  # (N, m) block ids, ascending
@@ -377,9 +381,8 @@ class SparseAttention(Attention):
             return keys
         if kind == "decode":
             return min(keys, float(self.sp.budget(n)))
-        pts = torch.arange(1, n + 1, dtype=torch.float64)
-        budget = torch.tensor([self.sp.budget(int(p)) for p in pts[:: max(1, n // 256)]], dtype=torch.float64)
-        frac = (budget / pts[:: max(1, n // 256)]).mean().item()
+        points = range(1, n + 1, max(1, n // 256))  # sampled positions (+ 1)
+        frac = sum(self.sp.budget(p) / p for p in points) / len(points)
         return min(keys, keys * frac)
 
     def make_cache(self, batch: int, max_len: int, dtype: torch.dtype, device=None) -> SparseCache:

@@ -26,7 +26,7 @@ class Pattern(Protocol):
 
     def offset(self, device) -> Tensor: ...
     def static(self, qb: Tensor, kb: Tensor) -> Tensor: ...
-    def top(self, q: Tensor, means: Tensor, qb: Tensor, kb: Tensor, forced: Tensor) -> Tensor: ...
+    def select(self, q: Tensor, qpos: Tensor, nb: int, means: Tensor | None) -> Tensor: ...
     def count(self, sel: Tensor, qpos: Tensor, rows: Tensor | None = None) -> None: ...
 
 
@@ -36,6 +36,19 @@ def kernel_means(k: Tensor, sp: Any) -> Tensor:
     nb = S // sp.block
     blocks = k[:, :, : nb * sp.block].reshape(B, K, nb, sp.block, D)
     return blocks.unfold(3, sp.kernel, sp.kernel_stride).mean(-1)  # (B, K, NB, nk, D)
+
+
+def kernel_scores(q: Tensor, means: Tensor, cand: Tensor | None = None) -> Tensor:
+    """InfLLM v2's block scores: q (B, H, T, D), kernel means (B, K, NB, nk, D) -> (B, K, T, NB), per block the max
+    over its kernels of softmax(q . kernel / sqrt(D)) over the kernels of all candidate blocks (cand (B, 1, T, NB);
+    None: every block), summed over the query heads of each KV group; a query with no candidate scores zeros."""
+    B, H, T, D = q.shape
+    K = means.shape[1]
+    logits = torch.einsum("bkgtd,bkjnd->bkgtjn", q.view(B, K, H // K, T, D), means) / math.sqrt(D)
+    if cand is not None:
+        logits = logits.masked_fill(~cand.unsqueeze(2).unsqueeze(-1), float("-inf"))
+    p = logits.flatten(-2).softmax(-1).view_as(logits).nan_to_num(0.0)
+    return p.amax(-1).sum(2)
 
 
 class SparseCache(nn.Module):
@@ -48,7 +61,7 @@ class SparseCache(nn.Module):
     def __init__(self, attn: Pattern, batch: int, max_len: int, dtype: torch.dtype, device=None):
         super().__init__()
         sp, K, D = attn.sp, attn.n_kv_heads, attn.head_dim
-        self.sp, self.max_len = sp, max_len
+        self.sp = sp
         if sp.pattern == "infllm2":
             slots = max_len
         else:
@@ -124,8 +137,8 @@ class SparseCache(nn.Module):
         self.v.narrow(2, p, 1).copy_(v)
         self.kpos.narrow(2, p, 1).fill_(p)
         bs, qb, K = sp.block, p // sp.block, self.heads
-        if (p + 1) % bs == 0:  # this token completes its block: its kernel means
-            self.means[:, :, qb] = kernel_means(self.k[:, :, qb * bs : (qb + 1) * bs], sp)[:, :, 0]
+        if (p + 1) % bs == 0:  # this token completes its block
+            self._complete(qb)
         lo = max(0, qb - sp.local_blocks + 1) * bs  # the local window's first position
         first, last = sp.sink_blocks, qb - sp.local_blocks  # candidate blocks (whole, outside sink and window)
         want = min(sp.topk - sp.sink_blocks - (qb + 1 - lo // bs), last - first + 1)
@@ -136,10 +149,7 @@ class SparseCache(nn.Module):
                 vs = torch.cat([self.v[:, :, : sp.sink], self.v[:, :, lo : p + 1]], 2)
                 n = sp.sink_blocks + qb + 1 - lo // bs
         else:
-            means = self.means[:, :, first : last + 1]  # (B, K, nc, nk, D)
-            G = H // K
-            logits = torch.einsum("bkgd,bkjnd->bkgjn", q.view(B, K, G, D), means) / math.sqrt(D)
-            score = logits.flatten(-2).softmax(-1).view_as(logits).amax(-1).sum(2)  # (B, K, nc)
+            score = kernel_scores(q, self.means[:, :, first : last + 1])[:, :, 0]  # (B, K, nc): the candidates
             top = score.topk(want, dim=-1).indices.sort(-1).values + first  # (B, K, want) block ids
             # the selected blocks' token rows in the flat (B * K * (slots + 1), D) cache (a view: no copy of it)
             base = torch.arange(B * K, device=q.device).view(B, K, 1, 1) * (self.slots + 1)
@@ -185,9 +195,8 @@ class SparseCache(nn.Module):
         sp = self.sp
         qb = (qpos // sp.block).view(qpos.shape[0], 1, -1, 1)  # (B, 1, T, 1)
         kb = (kpos // sp.block).unsqueeze(2)  # (B, K, 1, S)
-        region = torch.zeros(kpos.shape[-1], dtype=torch.long, device=kpos.device)  # 0 ring/sink, 1 strided, 2 new
-        region[sp.sink + sp.window : self.slots] = 1
-        region[self.slots + 1 :] = 2
+        new = kpos.shape[-1] - self.is_store.shape[0]
+        region = torch.cat([self.is_store.long(), self.is_store.new_full((new,), 2, dtype=torch.long)])  # 2: new
         local = ((qb - kb) < sp.local_blocks) | (kb < sp.sink_blocks)
         full = attn.static(qb, kb)
         ok = torch.where(region == 0, local, torch.where(region == 1, full & ~local, full))
@@ -214,20 +223,19 @@ class SparseCache(nn.Module):
             self.means[:, :, :full] = kernel_means(self.k[:, :, : full * bs], self.sp)
             return
         for b in ((qpos[:, 0] + 1) % bs == 0).nonzero().flatten().tolist():
-            j = int(qpos[b, 0]) // bs
-            self.means[b, :, j] = kernel_means(self.k[b : b + 1, :, j * bs : (j + 1) * bs], self.sp)[0, :, 0]
+            self._complete(int(qpos[b, 0]) // bs, slice(b, b + 1))
+
+    def _complete(self, j: int, rows: slice = slice(None)) -> None:
+        """infllm2: the kernel means of block j, now whole (in `rows` of the batch)."""
+        bs = self.sp.block
+        self.means[rows, :, j] = kernel_means(self.k[rows, :, j * bs : (j + 1) * bs], self.sp)[:, :, 0]
 
     def _attend_selected(self, attn: Pattern, q: Tensor, qpos: Tensor, keep: Tensor) -> Tensor:
         """infllm2: each query reads the blocks `select` picks for it, gathered from the cache."""
         sp, (B, _, T, D) = self.sp, q.shape
         end = int(qpos.max()) + 1
         nb = -(-end // sp.block)
-        qb = (qpos // sp.block).unsqueeze(1).unsqueeze(-1)
-        kb = torch.arange(nb, device=q.device).view(1, 1, 1, nb)
-        sel = attn.static(qb, kb) | ((qpos < sp.dense_len).unsqueeze(1).unsqueeze(-1) & (kb <= qb))
-        full = end // sp.block
-        if full:
-            sel = sel | attn.top(q, self.means[:, :, :full], qb, kb, sel)
+        sel = attn.select(q, qpos, nb, self.means[:, :, : end // sp.block])  # (B, K, T, NB)
         attn.count(sel, qpos)
         blocks = sel.any(2)  # (B, K, NB)
         m = int(blocks.sum(-1).max())

@@ -100,7 +100,7 @@ def test_infllm2_below_dense_len_reads_everything_then_topk():
     attn = sparse_model("infllm2", dense_len=40).layers[0].self_attn
     q, k, _ = qkv(attn, 100, B=1)
     with torch.no_grad():
-        sel = attn.select(q, k, torch.arange(100).unsqueeze(0))  # (1, K, T, NB)
+        sel = attn.select(q, torch.arange(100).unsqueeze(0), 13, attn.means(k))  # (1, K, T, NB)
     n = sel.sum(-1)
     blocks = torch.arange(100) // 8 + 1
     assert torch.equal(n[0, :, :40], blocks[:40].expand(2, -1))  # dense below dense_len
