@@ -45,7 +45,12 @@ def arms(context: int, budget: int, block: int) -> dict[str, dict | None]:
         "longgen": dict(pattern="sink_window", block=block, sink=block, window=local, schedule="longgen"),
         "all_sparse": dict(pattern="sink_window", block=block, sink=block, window=local, schedule="all"),
         "s2_longgen": dict(
-            pattern="s2", block=block, sink=0, window=s2_window, vert_stride=2 * context // budget, schedule="longgen"
+            pattern="s2",
+            block=block,
+            sink=0,
+            window=s2_window,
+            vert_stride=max(1, 2 * context // budget),
+            schedule="longgen",
         ),
         "infllm2": dict(
             pattern="infllm2",

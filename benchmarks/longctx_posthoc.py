@@ -17,36 +17,29 @@ import sys
 import time
 from pathlib import Path
 
+from longctx_extension import arms
+
 from leanlm.checkpoint import load_model
 from leanlm.data import text_file
 from leanlm.evaluate import evaluate
 from leanlm.longctx import passkey
 from leanlm.measure import kv_cache_bytes
 
+# the extension's layouts at the same budget (benchmarks/longctx_extension.py, this script's directory), by the names
+# of this table
+NAMES = {
+    "full": "dense",
+    "all_sparse": "streaming (all layers)",
+    "longgen": "longgen layout",
+    "s2_longgen": "s2 longgen layout",
+    "infllm2": "infllm2 (all layers)",
+}
+
 
 def variants(budget: int, block: int, context: int) -> dict[str, dict | None]:
     """Variant -> its model.attention section (None: dense); at most `budget` keys per query at `context`."""
-    half = budget // 2
-    return {
-        "dense": None,
-        "streaming (all layers)": dict(pattern="sink_window", block=block, sink=block, window=budget - block),
-        "longgen layout": dict(
-            pattern="sink_window", block=block, sink=block, window=budget - block, schedule="longgen"
-        ),
-        "s2 longgen layout": dict(
-            pattern="s2", block=block, sink=0, window=half, vert_stride=max(1, context // half), schedule="longgen"
-        ),
-        "infllm2 (all layers)": dict(
-            pattern="infllm2",
-            block=block,
-            sink=block,
-            window=half,
-            topk=budget // block,
-            kernel=block // 2,
-            kernel_stride=block // 4,
-            dense_len=budget,
-        ),
-    }
+    table = arms(context, budget, block)
+    return {name: table[arm] for arm, name in NAMES.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
