@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from leanlm.config import preset
+from leanlm.generate import pad_batch
 from leanlm.model import Transformer
 
 # what leanlm caches (the pretrained preset as a checkpoint) goes to a directory of this test session, not ~/.cache;
@@ -80,3 +81,23 @@ def smollm2():
     from leanlm.checkpoint import load_model
 
     return load_model("smollm2-135m", dtype="float32")  # float: the parity tests export it to transformers
+
+
+@torch.no_grad()
+def decode_padded(model: Transformer, prompts: list[list[int]], new: list[list[int]]) -> tuple[torch.Tensor, ...]:
+    """Left-padded prompts in one prefill, then each row's `new` tokens fed one by one with the caches, as generation
+    does: (prefill logits (B, P, V), step logits (B, n, V)); each row's logits must equal its own unpadded forward."""
+    P, n = max(map(len, prompts)), len(new[0])
+    batch = pad_batch(prompts, P + n)
+    model.setup_caches(len(prompts), P + n)
+    try:
+        prefill = model(batch.idx, pos=batch.pos[:, :P], mask=batch.prefill_mask)
+        steps = []
+        for i in range(n):
+            s = P + i
+            tok = torch.tensor([[row[i]] for row in new])
+            mask = batch.key_ok[..., : s + 1] if batch.key_ok is not None else None
+            steps.append(model(tok, pos=batch.pos[:, s : s + 1], start=s, mask=mask))
+    finally:
+        model.reset_caches()
+    return prefill, torch.cat(steps, 1)

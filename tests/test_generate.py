@@ -6,10 +6,11 @@ import io
 
 import pytest
 import torch
+from conftest import decode_padded
 
 from leanlm.config import preset
 from leanlm.errors import LeanLMError
-from leanlm.generate import TextStreamer, apply_repetition_penalty, generate, pad_batch, sample_next
+from leanlm.generate import TextStreamer, apply_repetition_penalty, generate, sample_next
 from leanlm.hf import to_hf_state
 from leanlm.model import Transformer
 
@@ -61,19 +62,8 @@ def test_chunked_prefill_matches_full_forward(model):
 def test_padded_batch_logits_match_each_row_alone(model):
     prompts = [tokens(5, seed=3), tokens(12, seed=4), tokens(9, seed=5)]
     extra = [tokens(4, seed=10 + r) for r in range(3)]  # fed one by one after the prompt, as in decoding
-    P, total = 12, 16
-    batch = pad_batch(prompts, total)
-    model.setup_caches(3, total)
-    try:
-        prefill = model(batch.idx, pos=batch.pos[:, :P], mask=batch.prefill_mask)  # (B, P, V)
-        steps = []
-        for i in range(4):
-            s = P + i
-            tok = torch.tensor([[e[i]] for e in extra])
-            steps.append(model(tok, pos=batch.pos[:, s : s + 1], start=s, mask=batch.key_ok[..., : s + 1]))
-    finally:
-        model.reset_caches()
-    decoded = torch.cat(steps, dim=1)  # (B, 4, V)
+    P = 12
+    prefill, decoded = decode_padded(model, prompts, extra)  # (B, P, V), (B, 4, V)
     for r, p in enumerate(prompts):
         ref = full_logits(model, p + extra[r])
         assert torch.allclose(prefill[r, P - len(p) :], ref[: len(p)], atol=TOL, rtol=0)

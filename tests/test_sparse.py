@@ -8,13 +8,14 @@ import shutil
 
 import pytest
 import torch
+from conftest import decode_padded
 from torch.utils.cpp_extension import is_ninja_available
 
 from leanlm.cli import main
 from leanlm.config import preset
 from leanlm.data import text_file
 from leanlm.errors import LeanLMError
-from leanlm.generate import generate, pad_batch
+from leanlm.generate import generate
 from leanlm.methods import build_model
 from leanlm.model import Transformer
 from leanlm.sparse import SparseAttention, SparseConfig, sparse_layers
@@ -144,20 +145,9 @@ def test_padded_batch_decodes_each_row_as_alone(name):
     model = sparse_model(name)
     prompts = [ids(1, 30, seed=3)[0].tolist(), ids(1, 57, seed=4)[0].tolist()]
     extra = [ids(1, 12, seed=10 + r)[0].tolist() for r in range(2)]
-    P, total = 57, 80
-    batch = pad_batch(prompts, total)
+    P = 57
+    prefill, decoded = decode_padded(model, prompts, extra)
     with torch.no_grad():
-        model.setup_caches(2, total)
-        try:
-            prefill = model(batch.idx, pos=batch.pos[:, :P], mask=batch.prefill_mask)
-            steps = []
-            for i in range(12):
-                s = P + i
-                tok = torch.tensor([[e[i]] for e in extra])
-                steps.append(model(tok, pos=batch.pos[:, s : s + 1], start=s, mask=batch.key_ok[..., : s + 1]))
-        finally:
-            model.reset_caches()
-        decoded = torch.cat(steps, 1)
         for r, p in enumerate(prompts):
             ref = model(torch.tensor([p + extra[r]]))[0]
             assert torch.allclose(prefill[r, P - len(p) :], ref[: len(p)], atol=TOL, rtol=0)
@@ -275,21 +265,15 @@ def test_composes_with_subllm(lengths):
     ]
     prompts = [torch.randint(0, 512, (n,)).tolist() for n in lengths]
     new = [torch.randint(0, 512, (12,)).tolist() for _ in lengths]
-    B, P, total = len(lengths), max(lengths), max(lengths) + 12
-    batch = pad_batch(prompts, total)
+    m.setup_caches(len(lengths), max(lengths) + 12)
+    assert isinstance(m.caches[0], SparseCache) and not isinstance(m.caches[2], SparseCache)
+    m.reset_caches()
+    prefill, decoded = decode_padded(m, prompts, [n[:11] for n in new])
+    steps = torch.cat([prefill[:, -1:], decoded], 1)  # (B, 12, V): the prompt's last position, then 11 steps
     with torch.no_grad():
-        m.setup_caches(B, total)
-        assert isinstance(m.caches[0], SparseCache) and not isinstance(m.caches[2], SparseCache)
-        steps = [m(batch.idx, pos=batch.pos[:, :P], start=0, mask=batch.prefill_mask)[:, -1]]
-        for i in range(11):
-            s = P + i
-            tok = torch.tensor([n[i] for n in new]).unsqueeze(1)
-            mask = batch.key_ok[..., : s + 1] if batch.key_ok is not None else None
-            steps.append(m(tok, pos=batch.pos[:, s : s + 1], start=s, mask=mask)[:, -1])
-        m.reset_caches()
         for r, (p, n) in enumerate(zip(prompts, new)):
             full = m(torch.tensor([p + n]))[0, len(p) - 1 : len(p) + 11]
-            assert (full - torch.stack([st[r] for st in steps])).abs().max() <= TOL
+            assert (full - steps[r]).abs().max() <= TOL
 
 
 def test_sparse_layer_inside_a_subsampled_stage():

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import decode_padded
 
 from leanlm.checkpoint import load_checkpoint, load_model, save_checkpoint
 from leanlm.cli import main
@@ -215,24 +216,16 @@ def test_cached_decode_equals_full_forward(lengths):
     m = subllm().eval()
     prompts = [torch.randint(0, 512, (n,)).tolist() for n in lengths]
     new = [torch.randint(0, 512, (12,)).tolist() for _ in lengths]
-    B, P, total = len(lengths), max(lengths), max(lengths) + 12
-    batch = pad_batch(prompts, total)
+    B = len(lengths)
+    prefill, decoded = decode_padded(m, prompts, [n[:11] for n in new])
+    steps = torch.cat([prefill[:, -1:], decoded], 1)  # (B, 12, V): the prompt's last position, then 11 steps
     with torch.no_grad():
-        m.setup_caches(B, total)
-        steps = [m(batch.idx, pos=batch.pos[:, :P], start=0, mask=batch.prefill_mask)[:, -1]]
-        for i in range(11):
-            s = P + i
-            tok = torch.tensor([n[i] for n in new]).unsqueeze(1)
-            mask = batch.key_ok[..., : s + 1] if batch.key_ok is not None else None
-            steps.append(m(tok, pos=batch.pos[:, s : s + 1], start=s, mask=mask)[:, -1])
-        m.reset_caches()
         sub = method(m)
         assert sub.retention("decode") is not None and sub.counts["decode"][0, 1] == 11 * B  # one token per row
         sub.reset_stats(m)
         for r, (p, n) in enumerate(zip(prompts, new)):
             full = m(torch.tensor([p + n]))[0, len(p) - 1 : len(p) + 11]
-            got = torch.stack([st[r] for st in steps])
-            assert (full - got).abs().max() <= 1e-4
+            assert (full - steps[r]).abs().max() <= 1e-4
     assert 0.1 < sub.retention("prefill")[0] < 0.9 and sub.retention("decode") is None
 
 
