@@ -30,6 +30,11 @@ from leanlm.model import ModelConfig, Transformer
 REGISTRY: dict[str, type[Method]] = {m.name: m for m in (SubLLM, RandomLTD, LTE, SparseAttentionMethod, Quant)}
 
 
+# model keys a conversion may change beside method sections: they hold no weights (extending a pretrained model's
+# context, LongGen's recipe: a training config's run.init with these keys)
+CONTEXT_KEYS = ("max_seq_len", "rope_theta", "rope_scaling")
+
+
 def names(scope: str) -> list[str]:
     """The registered methods of a scope: "model" (sections of a model config) or "train" (of a training config)."""
     return [name for name, m in REGISTRY.items() if m.scope == scope]
@@ -86,7 +91,7 @@ def add_methods(source: Transformer, cfg: ModelConfig, seed: int = 0, calibratio
     """Turn a trained model into the architecture `cfg` describes: the same backbone weights, the methods' new parts
     made by each method (`Method.convert`), e.g. a pretrained LLaMA uptrained into a SUBLLM, or grouped into LTE's
     experts. calibration: token rows (S, T) of text, for a method that converts by what the model does on text."""
-    context = {k: getattr(cfg, k) for k in ("max_seq_len", "rope_theta", "rope_scaling")}  # may change: no weights
+    context = {k: getattr(cfg, k) for k in CONTEXT_KEYS}
     if source.cfg.backbone().replace(**context) != cfg.backbone():
         raise LeanLMError(f"cannot convert into {cfg.arch}: the model's backbone differs from the configured one")
     removed = [name for name in source.cfg.methods if name not in cfg.methods]
@@ -102,6 +107,7 @@ def add_methods(source: Transformer, cfg: ModelConfig, seed: int = 0, calibratio
 
 
 __all__ = [
+    "CONTEXT_KEYS",
     "REGISTRY",
     "Method",
     "add_methods",

@@ -2,7 +2,7 @@
 attention (leanlm/sparse.py) with the baseline's weights, so any dense model switches to it at load and trains with
 it; docs/methods.md shows the use.
 
-    leanlm eval smollm2-135m --set attention.pattern=sink_window   # post-hoc, no training
+    leanlm eval --model smollm2-135m --data wikitext-2 --set model.attention.pattern=sink_window   # post hoc
     model: {preset: cpu-24l, attention: {pattern: s2, block: 64, window: 256, vert_stride: 8, schedule: every_n}}
 
 Patterns: `sink_window` (StreamingLLM's attention sink + a sliding window, LongGen's AttnSink), `s2` (S2-Attention:

@@ -22,7 +22,7 @@ from typing import Any
 
 from leanlm.config import apply_overrides, build_dataclass, model_config, model_keys, read_yaml
 from leanlm.errors import LeanLMError
-from leanlm.methods import REGISTRY, names
+from leanlm.methods import CONTEXT_KEYS, REGISTRY, names
 from leanlm.model import ModelConfig
 from leanlm.training.distill import DistillConfig
 from leanlm.training.distributed import DEVICES, STRATEGIES
@@ -90,10 +90,6 @@ class RunConfig:
             raise LeanLMError(f"run.device: must be one of {', '.join(DEVICES)} (got {self.device!r})")
         if self.layer_token_budget is not None and self.layer_token_budget < 1:
             raise LeanLMError(f"run.layer_token_budget: must be >= 1 (got {self.layer_token_budget!r})")
-
-
-# model keys a run.init may change beside method sections: extending a pretrained model's context (LongGen's recipe)
-CONTEXT_KEYS = ("max_seq_len", "rope_theta", "rope_scaling")
 
 
 @dataclass
