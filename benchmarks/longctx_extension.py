@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from leanlm.checkpoint import load_model
 from leanlm.data import TokenDataset, spread_batches
 from leanlm.longctx import passkey
-from leanlm.measure import kv_cache_bytes
+from leanlm.measure import kv_cache_bytes, reset_stats
 from leanlm.training import config_from_dict, train
 
 
@@ -133,26 +133,29 @@ def span_recall(model, data: str, context: int, depths: list[float], trials: int
     return out
 
 
-def evaluate_arm(ref: str, section: dict | None, args: argparse.Namespace) -> dict:
-    overrides = {"attention": section} if section else None
-    model, tok = load_model(ref, overrides=overrides)
-    model.eval()
-    for m in model.methods:
-        m.reset_stats(model)
-    ppl = val_ppl(model, args.data, args.context, args.windows)
-    reports = {m.name: m.report(model) for m in model.methods}
-    pk = passkey(model, tok, [args.context], args.depths, trials=args.trials, style=args.passkey_style)
-    recall = span_recall(model, args.data, args.context, args.depths, args.trials)
+def scored(model, tok, perplexity: float, context: int, depths: list[float], trials: int, style: str) -> dict:
+    """An arm's row after its perplexity pass (stats reset before it): the share of the key blocks its attention read
+    there, its passkey accuracy at `context` and its KV-cache bytes (longctx_posthoc.py scores its variants so too)."""
+    read = next((m.report(model) for m in model.methods if m.name == "attention"), {})
+    pk = passkey(model, tok, [context], depths, trials=trials, style=style)
     return {
-        "span_recall": sum(recall.values()) / len(recall),
-        "span_recall_by_depth": recall,
-        "perplexity": ppl,
+        "perplexity": perplexity,
         "passkey": pk["mean_accuracy"],
-        "passkey_by_depth": pk["accuracy"][str(args.context)],
-        "passkey_digits": sum(pk["digit_accuracy"][str(args.context)].values()) / len(args.depths),
-        "kv_cache_bytes": kv_cache_bytes(model, 1, args.context),
-        "blocks_read_fraction": reports.get("attention", {}).get("blocks_read_fraction", 1.0),
+        "passkey_by_depth": pk["accuracy"][str(context)],
+        "passkey_digits": sum(pk["digit_accuracy"][str(context)].values()) / len(depths),
+        "kv_cache_bytes": kv_cache_bytes(model, 1, context),
+        "blocks_read_fraction": read.get("blocks_read_fraction", 1.0),
     }
+
+
+def evaluate_arm(ref: str, section: dict | None, args: argparse.Namespace) -> dict:
+    model, tok = load_model(ref, overrides={"attention": section} if section else None)
+    model.eval()
+    reset_stats(model)
+    ppl = val_ppl(model, args.data, args.context, args.windows)
+    row = scored(model, tok, ppl, args.context, args.depths, args.trials, args.passkey_style)
+    recall = span_recall(model, args.data, args.context, args.depths, args.trials)
+    return {"span_recall": sum(recall.values()) / len(recall), "span_recall_by_depth": recall, **row}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,13 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-from longctx_extension import arms
+from longctx_extension import arms, scored
 
 from leanlm.checkpoint import load_model
 from leanlm.data import text_file
 from leanlm.evaluate import evaluate
-from leanlm.longctx import passkey
-from leanlm.measure import kv_cache_bytes
+from leanlm.measure import reset_stats
 
 # the extension's layouts at the same budget (benchmarks/longctx_extension.py, this script's directory), by the names
 # of this table
@@ -67,22 +66,11 @@ def main(argv: list[str] | None = None) -> int:
             model, tok = load_model(args.model, overrides={"attention": section} if section else None)
             model.eval()
             t = time.perf_counter()
-            for m in model.methods:
-                m.reset_stats(model)
+            reset_stats(model)
             ev = evaluate(model, tok, [text_file(args.data)], seq_len=context, max_windows=args.windows, progress=False)
-            read = next((m.report(model) for m in model.methods if m.name == "attention"), {})
-            pk = passkey(model, tok, [context], depths, trials=args.trials, style="text")
-            row = {
-                "context": context,
-                "variant": name,
-                "attention": section,
-                "perplexity": ev["perplexity"],
-                "passkey": pk["mean_accuracy"],
-                "passkey_by_depth": pk["accuracy"][str(context)],
-                "kv_cache_bytes": kv_cache_bytes(model, 1, context),
-                "blocks_read_fraction": read.get("blocks_read_fraction", 1.0),
-                "seconds": time.perf_counter() - t,
-            }
+            row = {"context": context, "variant": name, "attention": section}
+            row |= scored(model, tok, ev["perplexity"], context, depths, args.trials, "text")
+            row["seconds"] = time.perf_counter() - t
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
     lines = [
