@@ -11,7 +11,7 @@ a passkey prompt), KV-cache bytes at the long context vs full attention, the fra
 and the training time.
 
     python benchmarks/longctx_extension.py --init out/baseline-stdlib/final --data out/baseline-stdlib/data \
-        --context 1024 --budget 256 --block 32 --steps 150 --out out/longctx --json
+        --context 1024 --budget 256 --block 32 --steps 120 --out out/longctx --json
 
 Arms already trained under --out are reused (`--skip-training` refuses to train). Writes <out>/longctx.md and .json.
 """
