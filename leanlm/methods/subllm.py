@@ -367,9 +367,8 @@ class SubLLM(Method, TokenRouter):
     # -- generation state ---------------------------------------------------------------------------------------------
 
     def caches(self, batch: int, max_len: int, dtype: torch.dtype, make: Callable[[int], KVCache]) -> list[KVCache]:
-        """Outer layers get their own caches (`make`: plain, or a sparse attention's); a stage's layers start at about
-        `keep` of what reaches the stage (+ 64 slots, so that short prompts and the first decoded tokens never
-        reallocate) and grow if it keeps more."""
+        """Outer layers get their own caches (`make`); a stage's layers start at about `keep` of what reaches the stage
+        (+ 64 slots, so that short prompts and the first decoded tokens never reallocate) and grow if it keeps more."""
         self._lens = [[0] * batch for _ in self.parent]
         cfg, dev = self.model.cfg, self.model.norm.weight.device
         expected = self.stage_lengths(max_len, [self.cfg.keep] * len(self.parent))
